@@ -1,0 +1,181 @@
+"""Per-token rewards, GAE and whitening: the advantage side of PPO for language models.
+
+An LLM response is an episode whose actions are its tokens (seed 000 §2.2). The reward model
+scores the whole response once, at its last token; every token pays a KL penalty to the
+reference model (seed 000 §5.1, seed 003); GAE turns those rewards and the critic's values into
+per-token advantages (seed 000 §5.2-5.4).
+
+All functions are pure, jit-compatible, take ``[B, T]`` arrays (batch, response time) and
+keyword-only scalars, and check shapes when traced. ``mask`` is 1 on valid response tokens and 0
+on padding; the valid tokens of a row are a *prefix* of the row (right padding, as a rollout
+produces). Outputs are 0 at masked positions, which never contribute even if they hold NaN.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxppo.losses import kl_penalty
+from jaxppo.masking import (
+    as_mask,
+    check_rank,
+    check_same_shape,
+    check_shape,
+    compute_dtype,
+    last_valid_index,
+    masked_mean,
+    masked_sum,
+)
+
+Array = jax.Array
+
+
+def gae(
+    rewards: Array, values: Array, mask: Array, *, gamma: float, lam: float
+) -> tuple[Array, Array]:
+    r"""Generalized Advantage Estimation (Schulman et al. 2016) by a reverse ``lax.scan``.
+
+    .. math::
+        δ_t = r_t + γ V_{t+1} − V_t, \qquad A_t = δ_t + γλ A_{t+1}, \qquad R_t = A_t + V_t
+
+    where :math:`V_{t+1} = 0` and :math:`A_{t+1} = 0` after a row's last valid token (the
+    response ends there: EOS or the length limit). ``returns`` :math:`R_t` are the critic's
+    regression targets. Seed 000 §5.4: T = 3, γ = 1, λ = 0.95, r = (−0.1, −0.1, 4.9),
+    V = (2, 3, 4) gives A = (2.56725, 1.755, 0.9).
+
+    Args:
+      rewards: ``[B, T]`` per-token rewards (e.g. from :func:`kl_shaped_rewards`).
+      values: ``[B, T]`` critic values :math:`V(s_t)` of the states before each token.
+      mask: ``[B, T]`` valid response tokens (a prefix of each row).
+      gamma: discount γ ∈ [0, 1] (1 is standard for LLMs).
+      lam: GAE λ ∈ [0, 1] (0.95 is standard).
+
+    Returns:
+      ``(advantages, returns)``, each ``[B, T]``, 0 at masked positions.
+    """
+    fn = "gae"
+    check_rank(fn, "rewards", rewards, 2, "[B, T]")
+    check_same_shape(fn, "rewards", rewards, values=values, mask=mask)
+    dtype = compute_dtype(rewards, values)
+    valid = as_mask(mask, dtype) > 0
+    rewards = jnp.where(valid, rewards.astype(dtype), 0.0)
+    values = jnp.where(valid, values.astype(dtype), 0.0)
+    # V_{t+1}, with V = 0 past the end (the mask is a prefix, so masked next-values are 0 above).
+    next_values = jnp.concatenate([values[:, 1:], jnp.zeros_like(values[:, :1])], axis=1)
+    deltas = rewards + gamma * next_values - values
+
+    def step(next_advantage, inputs):
+        delta_t, valid_t = inputs
+        advantage = jnp.where(valid_t, delta_t + gamma * lam * next_advantage, 0.0)
+        return advantage, advantage
+
+    _, advantages_tm = jax.lax.scan(
+        step, jnp.zeros(rewards.shape[:1], dtype), (deltas.T, valid.T), reverse=True
+    )
+    advantages = advantages_tm.T
+    returns = jnp.where(valid, advantages + values, 0.0)
+    return advantages, returns
+
+
+def whiten(x: Array, mask: Array, *, shift_mean: bool = True, eps: float = 1e-8) -> Array:
+    r"""Masked whitening over all valid entries of the batch.
+
+    .. math:: \hat x = \frac{x − μ}{\sqrt{σ^2 + ε}} \;(+\, μ \text{ if not shift\_mean})
+
+    with μ and σ² the mean and population variance of the valid entries. ``shift_mean=False``
+    keeps the mean (lm-human-preferences whitens *rewards* this way, so their sign survives);
+    advantages are whitened with ``shift_mean=True``.
+
+    Args:
+      x: ``[B, T]`` values.
+      mask: ``[B, T]`` valid entries.
+      shift_mean: subtract the mean (True) or keep it (False).
+      eps: added to the variance.
+
+    Returns:
+      ``[B, T]``, 0 at masked positions.
+    """
+    fn = "whiten"
+    check_rank(fn, "x", x, 2, "[B, T]")
+    check_same_shape(fn, "x", x, mask=mask)
+    dtype = compute_dtype(x)
+    m = as_mask(mask, dtype)
+    x = x.astype(dtype)
+    mean = masked_mean(x, m)
+    centered = x - mean
+    var = masked_mean(jnp.square(centered), m)
+    out = centered * jax.lax.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return jnp.where(m > 0, out, 0.0)
+
+
+def kl_shaped_rewards(
+    scores: Array,
+    logprobs: Array,
+    ref_logprobs: Array,
+    mask: Array,
+    *,
+    kl_coef: float | Array,
+    estimator: str = "k1",
+) -> tuple[Array, Array]:
+    r"""Token-level rewards: a KL penalty at every token plus the sequence score at the last.
+
+    .. math::
+        \mathrm{KL}_t = \mathrm{est}(\log π(a_t) − \log π_{ref}(a_t)), \qquad
+        r_t = −β\,\mathrm{KL}_t + [t = T_b]\, s_b
+
+    where :math:`T_b` is row b's last valid token and β = ``kl_coef`` (seed 000 §5.1; seed 003:
+    the score lands on the last non-pad token). Rows with no valid token get no score.
+
+    Args:
+      scores: ``[B]`` reward-model score of each response.
+      logprobs: ``[B, T]`` actor log-probs of the response tokens (at rollout time).
+      ref_logprobs: ``[B, T]`` reference-model log-probs of the same tokens.
+      mask: ``[B, T]`` valid response tokens (a prefix of each row).
+      kl_coef: β ≥ 0 (a Python float or a traced scalar from :mod:`jaxppo.kl_control`).
+      estimator: KL estimator name, see :func:`jaxppo.losses.kl_penalty`.
+
+    Returns:
+      ``(rewards, kl)``, each ``[B, T]`` and 0 at masked positions; ``kl`` is the per-token
+      estimate (sum it over t for the sequence KL).
+    """
+    fn = "kl_shaped_rewards"
+    check_rank(fn, "logprobs", logprobs, 2, "[B, T]")
+    check_same_shape(fn, "logprobs", logprobs, ref_logprobs=ref_logprobs, mask=mask)
+    check_shape(fn, "scores", scores, logprobs.shape[:1], "[B]")
+    kl = kl_penalty(logprobs, ref_logprobs, estimator=estimator)
+    valid = as_mask(mask, kl.dtype) > 0
+    kl = jnp.where(valid, kl, 0.0)
+    last = last_valid_index(valid)
+    at_last = (jnp.arange(kl.shape[1])[None, :] == last[:, None]) & (last[:, None] >= 0)
+    rewards = -kl_coef * kl + jnp.where(at_last, scores.astype(kl.dtype)[:, None], 0.0)
+    return rewards, kl
+
+
+def explained_variance(values: Array, returns: Array, mask: Array) -> Array:
+    r"""Fraction of the returns' variance the critic explains: :math:`1 − \mathrm{Var}[R − V] / \mathrm{Var}[R]`.
+
+    1 is a perfect critic, 0 is no better than a constant, negative is worse. Computed over the
+    valid entries of ``[B, T]`` arrays; 0 when the returns have no variance.
+    """
+    fn = "explained_variance"
+    check_rank(fn, "values", values, 2, "[B, T]")
+    check_same_shape(fn, "values", values, returns=returns, mask=mask)
+    dtype = compute_dtype(values, returns)
+    m = as_mask(mask, dtype)
+    values, returns = values.astype(dtype), returns.astype(dtype)
+
+    def var(x):
+        return masked_mean(jnp.square(x - masked_mean(x, m)), m)
+
+    var_returns = var(returns)
+    return jnp.where(var_returns > 0, 1.0 - var(returns - values) / jnp.where(var_returns > 0, var_returns, 1.0), 0.0)
+
+
+def sequence_sum(x: Array, mask: Array) -> Array:
+    """Σ_t x·mask per row: ``[B, T]`` → ``[B]`` (e.g. the sequence KL from per-token KL)."""
+    check_rank("sequence_sum", "x", x, 2, "[B, T]")
+    check_same_shape("sequence_sum", "x", x, mask=mask)
+    return masked_sum(x, as_mask(mask, compute_dtype(x)), axis=-1)

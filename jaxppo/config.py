@@ -1,0 +1,29 @@
+"""Config loading: a config is a Python file whose ``get_config()`` returns a frozen dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from pathlib import Path
+
+
+def load_config(path: str | Path):
+    """Imports ``path`` and returns its ``get_config()`` (a frozen dataclass instance)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    spec = importlib.util.spec_from_file_location(f"jaxppo_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"{path}: a config file must define get_config()")
+    config = module.get_config()
+    if not dataclasses.is_dataclass(config) or not config.__dataclass_params__.frozen:
+        raise ValueError(f"{path}: get_config() must return a frozen dataclass, got {type(config).__name__}")
+    return config
+
+
+def require(condition: bool, field: str, message: str) -> None:
+    """Raises ``ValueError`` naming the config ``field`` unless ``condition`` holds."""
+    if not condition:
+        raise ValueError(f"config field `{field}`: {message}")

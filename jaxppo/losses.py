@@ -1,0 +1,408 @@
+"""Losses of the three RLHF stages as pure functions of arrays.
+
+Conventions (shared by every function here):
+
+* ``[B, T]`` arrays are (batch, response time); ``[B, T, V]`` adds the vocabulary.
+* ``mask`` is 1.0 (or True) on valid response tokens and 0.0 on padding. Masked positions never
+  contribute to a loss or a metric, even if they hold NaN or inf.
+* Scalars are keyword-only. Strings (``estimator``, ``aggregation``) and ``None``-able options
+  select code paths, so mark them static when you ``jax.jit`` (``static_argnames``).
+* Math is done in at least float32 (bf16 log-probs are upcast before ``exp``).
+* Each loss returns ``(loss, aux)`` where ``aux`` is a dict of scalar diagnostics, or a scalar.
+
+Shapes are checked when traced; a mismatch raises one ``ValueError`` naming the argument.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxppo.masking import (
+    as_mask,
+    check_choice,
+    check_rank,
+    check_same_shape,
+    check_shape,
+    compute_dtype,
+    masked_mean,
+    masked_sum,
+)
+
+Array = jax.Array
+
+KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+
+
+# --------------------------------------------------------------------------------------------
+# KL between the policy and the reference
+# --------------------------------------------------------------------------------------------
+
+
+def kl_penalty(logprobs: Array, ref_logprobs: Array, *, estimator: str) -> Array:
+    r"""Per-token estimate of KL(π ‖ π_ref) from the log-probs of tokens sampled from π.
+
+    With :math:`d = \log π(a) − \log π_{ref}(a)` and :math:`a \sim π` (Schulman, "Approximating
+    KL divergence", 2020):
+
+    * ``k1``: :math:`d` — unbiased, high variance, can be negative per token.
+    * ``k2``: :math:`½ d^2` — biased, ≥ 0, low variance; its gradient is the KL's gradient.
+    * ``k3``: :math:`e^{-d} − (−d) − 1` — unbiased and ≥ 0 (``low_var_kl`` in some stacks).
+    * ``abs``: :math:`|d|` — biased, ≥ 0.
+
+    Args:
+      logprobs: ``[B, T]`` log π of the sampled tokens.
+      ref_logprobs: ``[B, T]`` log π_ref of the same tokens.
+      estimator: one of ``KL_ESTIMATORS``.
+
+    Returns:
+      ``[B, T]`` per-token KL estimates (unmasked; multiply by a mask to aggregate).
+    """
+    fn = "kl_penalty"
+    check_choice(fn, "estimator", estimator, KL_ESTIMATORS)
+    check_rank(fn, "logprobs", logprobs, 2, "[B, T]")
+    check_same_shape(fn, "logprobs", logprobs, ref_logprobs=ref_logprobs)
+    dtype = compute_dtype(logprobs, ref_logprobs)
+    d = logprobs.astype(dtype) - ref_logprobs.astype(dtype)
+    if estimator == "k1":
+        return d
+    if estimator == "k2":
+        return 0.5 * jnp.square(d)
+    if estimator == "k3":
+        return jnp.expm1(-d) + d  # e^{-d} - 1 + d, accurate for small d
+    return jnp.abs(d)
+
+
+# --------------------------------------------------------------------------------------------
+# PPO: clipped policy loss and clipped value loss
+# --------------------------------------------------------------------------------------------
+
+
+def aggregate(loss_mat: Array, mask: Array, *, aggregation: str) -> Array:
+    r"""Reduces a ``[B, T]`` per-token loss to a scalar over the valid tokens.
+
+    * ``token-mean``: :math:`\sum_{b,t} m_{bt} l_{bt} / \sum_{b,t} m_{bt}` — every token weighs
+      the same (trl, OpenRLHF default; seed 000 §4.1).
+    * ``seq-mean-token-mean``: mean over rows of the per-row token mean — every sequence weighs
+      the same (the PPO paper's and DeepSpeed-Chat's reading).
+    * ``seq-mean-token-sum``: mean over rows of the per-row token sum (no length normalisation,
+      Dr. GRPO-style).
+
+    Rows without valid tokens are excluded from the sequence means; an empty batch gives 0.
+    """
+    fn = "aggregate"
+    check_choice(fn, "aggregation", aggregation, AGGREGATIONS)
+    check_rank(fn, "loss_mat", loss_mat, 2, "[B, T]")
+    check_same_shape(fn, "loss_mat", loss_mat, mask=mask)
+    mask = as_mask(mask, loss_mat.dtype)
+    if aggregation == "token-mean":
+        return masked_mean(loss_mat, mask)
+    row_sum = masked_sum(loss_mat, mask, axis=-1)
+    lengths = jnp.sum(mask, axis=-1)
+    per_row = row_sum / jnp.maximum(lengths, 1) if aggregation == "seq-mean-token-mean" else row_sum
+    return masked_mean(per_row, lengths > 0)
+
+
+def policy_loss(
+    logprobs: Array,
+    old_logprobs: Array,
+    advantages: Array,
+    mask: Array,
+    *,
+    clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
+    dual_clip: float | None = None,
+    aggregation: str = "token-mean",
+) -> tuple[Array, dict[str, Array]]:
+    r"""PPO clipped surrogate loss (Schulman et al. 2017, eq. 7), per token.
+
+    .. math::
+        ρ_t = \exp(\log π_θ(a_t) − \log π_{old}(a_t)),\qquad
+        l_t = −\min\big(ρ_t A_t,\ \mathrm{clip}(ρ_t, 1−ε_{low}, 1+ε_{high})\,A_t\big)
+
+    with :math:`ε_{low}` = ``clip_eps`` and :math:`ε_{high}` = ``clip_eps_high`` (default
+    ``clip_eps``; a larger value is DAPO's "clip-higher"). With ``dual_clip`` = c > 1 (Ye et al.
+    2020, "Mastering Complex Control in MOBA Games") the objective of negative-advantage tokens is
+    bounded below by :math:`cA_t`: :math:`l_t ← \min(l_t, −cA_t)` for :math:`A_t < 0`.
+    ``l`` is reduced by :func:`aggregate`. Seed 000 §4.2 tabulates the clip for ε = 0.2.
+
+    ``old_logprobs`` and ``advantages`` are data: gradients do not flow into them.
+
+    Args:
+      logprobs: ``[B, T]`` log π_θ of the taken tokens (differentiable).
+      old_logprobs: ``[B, T]`` log π_old of the same tokens (from the rollout).
+      advantages: ``[B, T]`` advantage estimates.
+      mask: ``[B, T]`` valid response tokens.
+      clip_eps, clip_eps_high: clip range; both must be > 0.
+      dual_clip: optional lower bound factor c > 1 for negative advantages.
+      aggregation: one of ``AGGREGATIONS``.
+
+    Returns:
+      ``(loss, aux)`` with scalar aux ``clip_fraction`` (tokens where the clipped term is the
+      active one), ``clip_fraction_low`` / ``clip_fraction_high`` (… at ρ < 1−ε_low / ρ > 1+ε_high),
+      ``dual_clip_fraction``, ``approx_kl`` (masked mean of (ρ−1) − log ρ, the k3 estimate of
+      KL(π_old ‖ π_θ)) and ``ratio_mean``.
+    """
+    fn = "policy_loss"
+    check_rank(fn, "logprobs", logprobs, 2, "[B, T]")
+    check_same_shape(
+        fn, "logprobs", logprobs, old_logprobs=old_logprobs, advantages=advantages, mask=mask
+    )
+    check_choice(fn, "aggregation", aggregation, AGGREGATIONS)
+    eps_low = clip_eps
+    eps_high = clip_eps if clip_eps_high is None else clip_eps_high
+    if not (isinstance(eps_low, jax.Array) or eps_low > 0):
+        raise ValueError(f"{fn}: `clip_eps` must be > 0, got {clip_eps}")
+    if not (isinstance(eps_high, jax.Array) or eps_high > 0):
+        raise ValueError(f"{fn}: `clip_eps_high` must be > 0, got {clip_eps_high}")
+    if dual_clip is not None and not (isinstance(dual_clip, jax.Array) or dual_clip > 1):
+        raise ValueError(f"{fn}: `dual_clip` must be > 1, got {dual_clip}")
+
+    dtype = compute_dtype(logprobs, old_logprobs, advantages)
+    mask = as_mask(mask, dtype)
+    old_logprobs = jax.lax.stop_gradient(old_logprobs.astype(dtype))
+    advantages = jax.lax.stop_gradient(advantages.astype(dtype))
+    log_ratio = logprobs.astype(dtype) - old_logprobs
+    ratio = jnp.exp(log_ratio)
+
+    unclipped = -advantages * ratio
+    clipped = -advantages * jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high)
+    loss_mat = jnp.maximum(unclipped, clipped)
+    if dual_clip is not None:
+        dual = -advantages * dual_clip
+        dual_active = (advantages < 0) & (dual < loss_mat)
+        loss_mat = jnp.where(dual_active, dual, loss_mat)
+    else:
+        dual_active = jnp.zeros_like(mask, dtype=bool)
+
+    loss = aggregate(loss_mat, mask, aggregation=aggregation)
+    clip_active = clipped > unclipped
+    aux = {
+        "clip_fraction": masked_mean(clip_active.astype(dtype), mask),
+        "clip_fraction_low": masked_mean((clip_active & (ratio < 1.0)).astype(dtype), mask),
+        "clip_fraction_high": masked_mean((clip_active & (ratio > 1.0)).astype(dtype), mask),
+        "dual_clip_fraction": masked_mean(dual_active.astype(dtype), mask),
+        "approx_kl": jax.lax.stop_gradient(masked_mean(jnp.expm1(log_ratio) - log_ratio, mask)),
+        "ratio_mean": jax.lax.stop_gradient(masked_mean(ratio, mask)),
+    }
+    return loss, aux
+
+
+def value_loss(
+    values: Array,
+    old_values: Array,
+    returns: Array,
+    mask: Array,
+    *,
+    clip_eps: float | None = None,
+) -> tuple[Array, dict[str, Array]]:
+    r"""Critic regression loss with optional PPO-style value clipping.
+
+    .. math::
+        L^{VF} = ½\ \mathrm{mean}_t \max\big((V_t − R_t)^2,\
+                 (\mathrm{clip}(V_t, V^{old}_t − ε, V^{old}_t + ε) − R_t)^2\big)
+
+    and :math:`½\,\mathrm{mean}_t (V_t − R_t)^2` without ``clip_eps``; the mean is over all valid
+    tokens of the batch. ``old_values`` and ``returns`` are data (no gradient).
+
+    Args:
+      values: ``[B, T]`` current critic predictions (differentiable).
+      old_values: ``[B, T]`` critic predictions at rollout time.
+      returns: ``[B, T]`` regression targets (GAE returns).
+      mask: ``[B, T]`` valid response tokens.
+      clip_eps: optional clip range ε > 0 around ``old_values``.
+
+    Returns:
+      ``(loss, aux)`` with ``clip_fraction`` (tokens where the clipped error is the larger) and
+      ``value_error`` (masked mean of (V − R)²).
+    """
+    fn = "value_loss"
+    check_rank(fn, "values", values, 2, "[B, T]")
+    check_same_shape(fn, "values", values, old_values=old_values, returns=returns, mask=mask)
+    if clip_eps is not None and not (isinstance(clip_eps, jax.Array) or clip_eps > 0):
+        raise ValueError(f"{fn}: `clip_eps` must be > 0 or None, got {clip_eps}")
+    dtype = compute_dtype(values, old_values, returns)
+    mask = as_mask(mask, dtype)
+    values = values.astype(dtype)
+    old_values = jax.lax.stop_gradient(old_values.astype(dtype))
+    returns = jax.lax.stop_gradient(returns.astype(dtype))
+
+    unclipped = jnp.square(values - returns)
+    if clip_eps is None:
+        loss_mat = unclipped
+        clip_fraction = jnp.zeros((), dtype)
+    else:
+        values_clipped = old_values + jnp.clip(values - old_values, -clip_eps, clip_eps)
+        clipped = jnp.square(values_clipped - returns)
+        loss_mat = jnp.maximum(unclipped, clipped)
+        clip_fraction = masked_mean((clipped > unclipped).astype(dtype), mask)
+    loss = 0.5 * masked_mean(loss_mat, mask)
+    aux = {
+        "clip_fraction": clip_fraction,
+        "value_error": jax.lax.stop_gradient(masked_mean(unclipped, mask)),
+    }
+    return loss, aux
+
+
+# --------------------------------------------------------------------------------------------
+# Token-distribution losses: entropy and SFT negative log-likelihood
+# --------------------------------------------------------------------------------------------
+
+
+def token_logprobs(logits: Array, targets: Array) -> Array:
+    r"""log softmax(logits)[target] per position: :math:`z_{y} − \log\sum_v e^{z_v}`.
+
+    Gathers the target logit and subtracts the log-partition, so the ``[B, T, V]`` log-softmax
+    is never materialised.
+
+    Args:
+      logits: ``[B, T, V]``.
+      targets: ``[B, T]`` integer token ids in ``[0, V)`` (out-of-range ids give garbage under
+        ``jit``; validate ids where they enter, not here).
+
+    Returns:
+      ``[B, T]`` log-probs in at least float32.
+    """
+    fn = "token_logprobs"
+    check_rank(fn, "logits", logits, 3, "[B, T, V]")
+    check_shape(fn, "targets", targets, logits.shape[:2], "[B, T]")
+    if not jnp.issubdtype(jnp.asarray(targets).dtype, jnp.integer):
+        raise ValueError(f"{fn}: `targets` must be integer token ids, got {jnp.asarray(targets).dtype}")
+    logits = logits.astype(compute_dtype(logits))
+    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return target_logits - jax.nn.logsumexp(logits, axis=-1)
+
+
+def entropy(logits: Array, mask: Array) -> Array:
+    r"""Masked mean entropy of the per-token softmax distributions.
+
+    .. math:: H_t = −\sum_v p_{tv} \log p_{tv} = \log\sum_v e^{z_{tv}} − \sum_v p_{tv} z_{tv}
+
+    Args:
+      logits: ``[B, T, V]``.
+      mask: ``[B, T]`` valid response tokens.
+
+    Returns:
+      scalar mean of :math:`H_t` over valid tokens (0 if none). Differentiable: as a bonus,
+      subtract ``entropy_coef * entropy(...)`` from the loss.
+    """
+    fn = "entropy"
+    check_rank(fn, "logits", logits, 3, "[B, T, V]")
+    check_shape(fn, "mask", mask, logits.shape[:2], "[B, T]")
+    logits = logits.astype(compute_dtype(logits))
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    probs = jax.nn.softmax(logits, axis=-1)
+    per_token = log_z - jnp.sum(probs * logits, axis=-1)
+    return masked_mean(per_token, as_mask(mask, per_token.dtype))
+
+
+def sft_loss(logits: Array, targets: Array, mask: Array) -> Array:
+    r"""Masked mean token negative log-likelihood (supervised fine-tuning, PPO-ptx).
+
+    .. math:: L = −\frac{1}{\sum m}\sum_{b,t} m_{bt} \log p_θ(y_{bt} \mid y_{b,<t}, x_b)
+
+    Args:
+      logits: ``[B, T, V]`` next-token logits aligned with ``targets``.
+      targets: ``[B, T]`` integer target ids.
+      mask: ``[B, T]`` 1 on tokens that are trained (responses), 0 on prompt and padding.
+
+    Returns:
+      scalar loss (0 if the mask is empty).
+    """
+    check_shape("sft_loss", "mask", mask, jnp.shape(targets), "[B, T]")
+    logp = token_logprobs(logits, targets)
+    return -masked_mean(logp, as_mask(mask, logp.dtype))
+
+
+# --------------------------------------------------------------------------------------------
+# Reward-model losses: Bradley-Terry pairs and Plackett-Luce rankings
+# --------------------------------------------------------------------------------------------
+
+
+def bradley_terry_loss(
+    chosen_scores: Array, rejected_scores: Array, *, margin: float | Array | None = None
+) -> tuple[Array, dict[str, Array]]:
+    r"""Pairwise preference loss of a reward model (Bradley & Terry 1952; Ouyang et al. 2022).
+
+    .. math:: L = −\frac{1}{B}\sum_b \log σ(s^c_b − s^r_b − m_b)
+
+    ``margin`` (Llama 2's margin loss, Touvron et al. 2023) is a scalar or a ``[B]`` array of
+    how strongly each pair is preferred; ``None`` means 0.
+
+    Args:
+      chosen_scores: ``[B]`` reward of the preferred responses.
+      rejected_scores: ``[B]`` reward of the rejected responses.
+      margin: optional scalar or ``[B]``.
+
+    Returns:
+      ``(loss, aux)`` with ``accuracy`` (fraction of pairs with s_c > s_r) and ``margin_mean``
+      (mean of s_c − s_r).
+    """
+    fn = "bradley_terry_loss"
+    check_rank(fn, "chosen_scores", chosen_scores, 1, "[B]")
+    check_same_shape(fn, "chosen_scores", chosen_scores, rejected_scores=rejected_scores)
+    dtype = compute_dtype(chosen_scores, rejected_scores)
+    diff = chosen_scores.astype(dtype) - rejected_scores.astype(dtype)
+    logits = diff
+    if margin is not None:
+        if jnp.ndim(margin) not in (0, 1) or (jnp.ndim(margin) == 1 and jnp.shape(margin) != diff.shape):
+            raise ValueError(
+                f"{fn}: `margin` must be a scalar or have shape [B] = {diff.shape}, "
+                f"got {tuple(jnp.shape(margin))}"
+            )
+        logits = diff - jnp.asarray(margin, dtype)
+    loss = -jnp.mean(jax.nn.log_sigmoid(logits))
+    aux = {
+        "accuracy": jnp.mean((diff > 0).astype(dtype)),
+        "margin_mean": jax.lax.stop_gradient(jnp.mean(diff)),
+    }
+    return loss, aux
+
+
+def plackett_luce_loss(scores: Array, *, mask: Array | None = None) -> tuple[Array, dict[str, Array]]:
+    r"""Listwise ranking loss of a reward model (Plackett 1975, Luce 1959).
+
+    A ranking :math:`y_1 ≻ y_2 ≻ … ≻ y_K` (``scores`` ordered best first) has likelihood
+    :math:`\prod_k e^{s_k} / \sum_{j ≥ k} e^{s_j}` (pick the best, then the best of the rest, …):
+
+    .. math:: \mathrm{NLL} = −\sum_{k} \big[s_k − \log\sum_{j ≥ k} e^{s_j}\big]
+
+    summed over the valid items of a list; the loss is the mean over lists with at least two valid
+    items (shorter lists carry no preference and are not counted). With K = 2 this is exactly
+    :func:`bradley_terry_loss` (InstructGPT trains on the K-choose-2 pairs instead).
+
+    Args:
+      scores: ``[B, K]`` reward of each response, ordered best first.
+      mask: optional ``[B, K]`` valid items (any pattern; invalid items are removed from the list).
+
+    Returns:
+      ``(loss, aux)`` with ``accuracy`` (fraction of valid pairs i < j, over all lists, with
+      s_i > s_j) and ``top1_accuracy`` (lists whose best item scores highest).
+    """
+    fn = "plackett_luce_loss"
+    check_rank(fn, "scores", scores, 2, "[B, K]")
+    dtype = compute_dtype(scores)
+    scores = scores.astype(dtype)
+    if mask is None:
+        valid = jnp.ones(scores.shape, bool)
+    else:
+        check_same_shape(fn, "scores", scores, mask=mask)
+        valid = jnp.asarray(mask) > 0
+    neg_inf = jnp.finfo(dtype).min
+    masked_scores = jnp.where(valid, scores, neg_inf)
+    # log Σ_{j ≥ k, valid} e^{s_j}: a reverse cumulative log-sum-exp over the list.
+    tail_logsumexp = jax.lax.cumlogsumexp(masked_scores, axis=1, reverse=True)
+    per_item = jnp.where(valid, scores - tail_logsumexp, 0.0)
+    n_valid = jnp.sum(valid, axis=1)
+    list_nll = -jnp.sum(per_item, axis=1)
+    loss = masked_mean(list_nll, n_valid >= 2)
+
+    pair_valid = valid[:, :, None] & valid[:, None, :] & jnp.triu(jnp.ones((scores.shape[1],) * 2, bool), 1)
+    pair_correct = scores[:, :, None] > scores[:, None, :]
+    best_is_first = jnp.argmax(masked_scores, axis=1) == jnp.argmax(valid, axis=1)
+    aux = {
+        "accuracy": masked_mean(pair_correct.astype(dtype), pair_valid),
+        "top1_accuracy": masked_mean(best_is_first.astype(dtype), n_valid >= 2),
+    }
+    return loss, aux

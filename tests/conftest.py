@@ -1,0 +1,42 @@
+"""Shared fixtures: float64 mode for exact comparisons and random masked batches."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+
+@pytest.fixture
+def x64():
+    """Run the test with ``jax_enable_x64`` so jaxppo computes in float64 (the math is dtype-generic)."""
+    with jax.enable_x64(True):
+        yield
+
+
+def random_lengths(rng: np.random.Generator, batch: int, length: int) -> np.ndarray:
+    """Random valid lengths that always include an empty row (0) and a full row (``length``)."""
+    lengths = rng.integers(0, length + 1, size=batch)
+    lengths[0], lengths[1] = 0, length
+    return lengths
+
+
+def prefix_mask(lengths: np.ndarray, length: int) -> np.ndarray:
+    """Float {0, 1} mask ``[B, T]`` with the first ``lengths[b]`` entries of row b valid."""
+    return (np.arange(length)[None, :] < np.asarray(lengths)[:, None]).astype(np.float64)
+
+
+def with_garbage(x: np.ndarray, mask: np.ndarray, value=np.nan) -> np.ndarray:
+    """``x`` with ``value`` written at masked positions: padding must never leak into results."""
+    return np.where(mask > 0, x, value)
+
+
+def count_traces(fn, **static):
+    """``jax.jit`` of ``fn`` with keyword arguments ``static`` fixed, plus a trace counter."""
+    calls = {"traces": 0}
+
+    def traced(*args):
+        calls["traces"] += 1
+        return fn(*args, **static)
+
+    return jax.jit(traced), calls
