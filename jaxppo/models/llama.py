@@ -1,0 +1,244 @@
+"""A Llama-family decoder in Flax (Llama 2/3, SmolLM2, Qwen2) with stacked, scanned layers.
+
+The decoder layers are stacked on a leading axis and run with ``nn.scan``, so compile time does
+not grow with depth (30 layers for SmolLM2). A layer is RMSNorm → grouped-query attention with
+RoPE → residual → RMSNorm → SwiGLU MLP → residual (Touvron et al. 2023).
+
+The KV cache is explicit and functional: a :class:`KVCache` of static shape
+``[L, B, H_kv, S_max, D_h]`` goes in and the updated cache comes out, so generation is a
+``lax.while_loop`` over pure functions. The layer scan only reads the cache; the step's new keys
+and values are written with one ``dynamic_update_slice`` afterwards, which XLA performs in place
+on the loop-carried buffer (writing inside the scan made it copy the whole cache every step). Attention masks are explicit too: a ``[B, S_kv]`` mask of
+valid key slots (never derived from token ids: SmolLM2's pad token is also its EOS).
+
+Parameter tree (``L`` = layers; kernels are ``[in, out]``)::
+
+    embed/embedding                      [V, D]
+    layers/attn/{q,k,v,o}_proj/kernel    [L, D, H·Dh] … ; q/k/v bias [L, H·Dh] (Qwen2)
+    layers/mlp/{gate,up,down}_proj/kernel
+    layers/input_norm/scale, layers/post_attention_norm/scale   [L, D]
+    final_norm/scale                     [D]
+
+LM and scalar heads live beside this tree and are applied by :mod:`jaxppo.models.heads`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxppo.models.config import ModelConfig
+
+Array = jax.Array
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer, head-major: ``[L, B, H_kv, S_max, D_h]`` each.
+
+    Head-major puts the attention's batch dimensions (b, h) first, so XLA contracts the cache
+    as it lies instead of transposing it every layer and step.
+    """
+
+    k: Array
+    v: Array
+
+
+class RMSNorm(nn.Module):
+    """:math:`x / \\sqrt{\\mathrm{mean}(x^2) + ε} · g`, computed in float32."""
+
+    eps: float
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return (normed * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_angles(config: ModelConfig, positions: Array) -> tuple[Array, Array]:
+    """cos, sin of the rotary angles ``[B, S, D_h]`` for integer ``positions`` ``[B, S]``."""
+    inv_freq = jnp.asarray(config.inv_frequencies(), jnp.float32)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, S, D_h/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    """Rotates ``x`` ``[B, S, H, D_h]`` by the angles (Hugging Face's half-split convention)."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    x32 = x.astype(jnp.float32)
+    out = x32 * cos[:, :, None, :] + rotated.astype(jnp.float32) * sin[:, :, None, :]
+    return out.astype(x.dtype)
+
+
+def _dense(features: int, name: str, config: ModelConfig, use_bias: bool = False) -> nn.Dense:
+    return nn.Dense(
+        features, use_bias=use_bias, dtype=config.jnp_dtype, param_dtype=config.jnp_param_dtype,
+        kernel_init=nn.initializers.normal(0.02), name=name,
+    )
+
+
+class Attention(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, cos, sin, kv_mask, q_offset, layer_cache):
+        """Grouped-query attention of ``x`` ``[B, S, D]`` → (output, this call's keys and values).
+
+        Query i sits at slot ``q_offset + i``. Without a cache (training, prefill) the keys are the
+        call's own tokens, masked causally and by ``kv_mask`` ``[B, S]``. With ``layer_cache``
+        (this layer's ``[B, H_kv, S_max, D_h]`` keys and values, *read only*) a query attends to
+        the cached slots ``j < q_offset`` with ``kv_mask[b, j]`` and, causally, to the call's own
+        tokens (``kv_mask[b, q_offset + i]``); both parts share one softmax. The caller writes the
+        returned keys/values into the cache once per step, outside the layer scan, so the cache
+        buffer is updated in place instead of copied.
+        """
+        c = self.config
+        batch, seq, _ = x.shape
+        q = _dense(c.num_heads * c.head_dim, "q_proj", c, c.attention_bias)(x)
+        k = _dense(c.num_kv_heads * c.head_dim, "k_proj", c, c.attention_bias)(x)
+        v = _dense(c.num_kv_heads * c.head_dim, "v_proj", c, c.attention_bias)(x)
+        q = apply_rope(q.reshape(batch, seq, c.num_heads, c.head_dim), cos, sin)
+        k = apply_rope(k.reshape(batch, seq, c.num_kv_heads, c.head_dim), cos, sin).transpose(0, 2, 1, 3)
+        v = v.reshape(batch, seq, c.num_kv_heads, c.head_dim).transpose(0, 2, 1, 3)  # [B, H_kv, S, D_h]
+
+        groups = c.num_heads // c.num_kv_heads
+        q = q.reshape(batch, seq, c.num_kv_heads, groups, c.head_dim) / jnp.sqrt(jnp.asarray(c.head_dim, q.dtype))
+        neg = jnp.finfo(jnp.float32).min  # finite: rows with no valid key (left padding) stay NaN-free
+
+        def scores(keys, allowed):  # allowed: [B, S, S_k]
+            s = jnp.einsum("bqhgd,bhkd->bhgqk", q, keys.astype(q.dtype), preferred_element_type=jnp.float32)
+            return jnp.where(allowed[:, None, None], s, neg)
+
+        causal = jnp.arange(seq)[None, :] <= jnp.arange(seq)[:, None]  # [S, S_k=S]
+        if layer_cache is None:
+            own_mask = kv_mask
+        else:
+            own_mask = jax.lax.dynamic_slice_in_dim(kv_mask, q_offset, seq, axis=1)
+        parts_s = [scores(k, causal[None] & (own_mask[:, None, :] > 0))]
+        parts_v = [v]
+        if layer_cache is not None:
+            cache_k, cache_v = layer_cache
+            slots = jnp.arange(cache_k.shape[2])
+            cached_ok = (slots[None, :] < q_offset) & (kv_mask[:, : slots.size] > 0)  # [B, S_max]
+            parts_s.insert(0, scores(cache_k, jnp.broadcast_to(cached_ok[:, None, :], (batch, seq, slots.size))))
+            parts_v.insert(0, cache_v)
+        probs = jax.nn.softmax(jnp.concatenate(parts_s, axis=-1), axis=-1).astype(c.jnp_dtype)
+        out, start = 0.0, 0
+        for part_s, part_v in zip(parts_s, parts_v):
+            width = part_s.shape[-1]
+            out = out + jnp.einsum("bhgqk,bhkd->bqhgd", probs[..., start:start + width], part_v.astype(c.jnp_dtype))
+            start += width
+        out = out.reshape(batch, seq, c.num_heads * c.head_dim)
+        return _dense(c.hidden_size, "o_proj", c)(out), (k, v)
+
+
+class MLP(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        gate = _dense(c.intermediate_size, "gate_proj", c)(x)
+        up = _dense(c.intermediate_size, "up_proj", c)(x)
+        return _dense(c.hidden_size, "down_proj", c)(nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, cos, sin, kv_mask, q_offset, layer_cache):
+        c = self.config
+        h = RMSNorm(c.rms_norm_eps, c.jnp_param_dtype, name="input_norm")(x)
+        attn, new_kv = Attention(c, name="attn")(h, cos, sin, kv_mask, q_offset, layer_cache)
+        x = x + attn
+        h = RMSNorm(c.rms_norm_eps, c.jnp_param_dtype, name="post_attention_norm")(x)
+        x = x + MLP(c, name="mlp")(h)
+        return x, new_kv
+
+
+class Decoder(nn.Module):
+    """Embedding → scanned decoder layers → final RMSNorm. Returns hidden states and KV."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens, positions, kv_mask, cache: KVCache | None = None, cache_index=0):
+        c = self.config
+        embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=c.jnp_dtype, param_dtype=c.jnp_param_dtype,
+                         embedding_init=nn.initializers.normal(0.02), name="embed")
+        x = embed(tokens)
+        cos, sin = rope_angles(c, positions)
+        layer = DecoderLayer
+        if c.remat:
+            layer = nn.remat(layer, prevent_cse=False, static_argnums=())
+        scanned = nn.scan(
+            layer,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
+            length=c.num_layers,
+        )(c, name="layers")
+        layer_cache = None if cache is None else (cache.k, cache.v)
+        x, (k, v) = scanned(x, cos, sin, kv_mask, cache_index, layer_cache)
+        x = RMSNorm(c.rms_norm_eps, c.jnp_param_dtype, name="final_norm")(x)
+        if cache is None:
+            return x, KVCache(k, v)
+        # One small in-place write of every layer's new keys/values at the step's slots.
+        start = (0, 0, 0, cache_index, 0)
+        return x, KVCache(jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start),
+                          jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start))
+
+
+TRUNK_KEYS = ("embed", "layers", "final_norm")
+
+
+def positions_from_mask(attention_mask: Array) -> Array:
+    """Position ids of left- (or right-) padded rows: the count of real tokens before each one."""
+    mask = attention_mask.astype(jnp.int32)
+    return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+
+
+def decoder_hidden(
+    config: ModelConfig,
+    params: dict,
+    tokens: Array,
+    attention_mask: Array,
+    *,
+    positions: Array | None = None,
+    cache: KVCache | None = None,
+    cache_index: Array | int = 0,
+    kv_mask: Array | None = None,
+) -> tuple[Array, KVCache]:
+    """Final hidden states ``[B, S, D]`` (float32) and the keys/values of this call.
+
+    Without ``cache``: ``tokens``/``attention_mask`` are whole (left-padded) sequences and the
+    returned :class:`KVCache` holds their keys/values (``[L, B, H_kv, S, D_h]``). With ``cache``:
+    the tokens are written at slot ``cache_index`` of the cache and attend to the slots marked in
+    ``kv_mask`` ``[B, S_max]``; the updated cache is returned.
+    """
+    if tokens.ndim != 2:
+        raise ValueError(f"decoder_hidden: `tokens` must have shape [B, S], got {tokens.shape}")
+    if attention_mask.shape != tokens.shape:
+        raise ValueError(f"decoder_hidden: `attention_mask` has shape {attention_mask.shape}, expected {tokens.shape}")
+    if positions is None:
+        positions = positions_from_mask(attention_mask)
+    if kv_mask is None:
+        kv_mask = attention_mask
+    trunk = {k: params[k] for k in TRUNK_KEYS}
+    hidden, kv = Decoder(config).apply({"params": trunk}, tokens, positions, kv_mask, cache, cache_index)
+    return hidden.astype(jnp.float32), kv
+
+
+def init_trunk(config: ModelConfig, key: Array) -> dict:
+    """Randomly initialised trunk parameters (normal(0.02) kernels, unit norms)."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return Decoder(config).init(key, tokens, tokens, jnp.ones((1, 1), jnp.int32))["params"]
+

@@ -1,0 +1,221 @@
+"""Hugging Face checkpoints ⇄ jaxppo parameters: safetensors in and out, no pickle.
+
+The name map (``L`` stacked layers; Hugging Face ``Linear`` weights are ``[out, in]``, jaxppo
+kernels ``[in, out]``)::
+
+    model.embed_tokens.weight                      embed/embedding
+    model.layers.{i}.self_attn.{q,k,v,o}_proj.weight   layers/attn/{q,k,v,o}_proj/kernel[i]   (transposed)
+    model.layers.{i}.self_attn.{q,k,v}_proj.bias       layers/attn/{q,k,v}_proj/bias[i]       (Qwen2)
+    model.layers.{i}.mlp.{gate,up,down}_proj.weight    layers/mlp/{gate,up,down}_proj/kernel[i] (transposed)
+    model.layers.{i}.input_layernorm.weight            layers/input_norm/scale[i]
+    model.layers.{i}.post_attention_layernorm.weight   layers/post_attention_norm/scale[i]
+    model.norm.weight                              final_norm/scale
+    lm_head.weight                                 lm_head/kernel (transposed; untied models only)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import tempfile
+from collections.abc import Mapping
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from jaxppo.models.config import ModelConfig
+
+_LAYER_LINEARS = {
+    "self_attn.q_proj": ("attn", "q_proj"),
+    "self_attn.k_proj": ("attn", "k_proj"),
+    "self_attn.v_proj": ("attn", "v_proj"),
+    "self_attn.o_proj": ("attn", "o_proj"),
+    "mlp.gate_proj": ("mlp", "gate_proj"),
+    "mlp.up_proj": ("mlp", "up_proj"),
+    "mlp.down_proj": ("mlp", "down_proj"),
+}
+_LAYER_NORMS = {"input_layernorm": "input_norm", "post_attention_layernorm": "post_attention_norm"}
+_BIASED = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def _expected_names(config: ModelConfig) -> list[str]:
+    names = ["model.embed_tokens.weight", "model.norm.weight"]
+    if not config.tie_word_embeddings:
+        names.append("lm_head.weight")
+    for i in range(config.num_layers):
+        for hf in _LAYER_LINEARS:
+            names.append(f"model.layers.{i}.{hf}.weight")
+            if config.attention_bias and hf in _BIASED:
+                names.append(f"model.layers.{i}.{hf}.bias")
+        for hf in _LAYER_NORMS:
+            names.append(f"model.layers.{i}.{hf}.weight")
+    return names
+
+
+def params_from_hf(config: ModelConfig, tensors: Mapping[str, np.ndarray], *, source: str = "checkpoint") -> dict:
+    """jaxppo params (in ``config.param_dtype``) from a Hugging Face state dict of arrays.
+
+    Raises ``ValueError`` naming ``source`` and the tensor for a missing tensor, an unexpected one
+    (other than rotary caches, or ``lm_head.weight`` of a tied model) or a wrong shape.
+    """
+    expected = _expected_names(config)
+    missing = [n for n in expected if n not in tensors]
+    if missing:
+        raise ValueError(f"{source}: missing tensor {missing[0]!r} ({len(missing)} missing in all)")
+    allowed = set(expected) | ({"lm_head.weight"} if config.tie_word_embeddings else set())
+    extra = [n for n in tensors if n not in allowed and not n.endswith(_IGNORED_SUFFIXES)]
+    if extra:
+        raise ValueError(f"{source}: unexpected tensor {extra[0]!r} for a {config.architecture} model "
+                         f"({len(extra)} unexpected in all)")
+    dtype = config.jnp_param_dtype
+    d, v = config.hidden_size, config.vocab_size
+    q_out, kv_out = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    out_dims = {"q_proj": q_out, "k_proj": kv_out, "v_proj": kv_out, "o_proj": d,
+                "gate_proj": config.intermediate_size, "up_proj": config.intermediate_size, "down_proj": d}
+    in_dims = {"o_proj": q_out, "down_proj": config.intermediate_size}
+
+    def get(name, shape):
+        array = np.asarray(tensors[name], dtype=np.float32)
+        if array.shape != tuple(shape):
+            raise ValueError(f"{source}: tensor {name!r} has shape {array.shape}, expected {tuple(shape)}")
+        return array
+
+    def stack(fn):
+        return jnp.asarray(np.stack([fn(i) for i in range(config.num_layers)]), dtype)
+
+    layers: dict = {"attn": {}, "mlp": {}}
+    for hf, (group, name) in _LAYER_LINEARS.items():
+        shape = (out_dims[name], in_dims.get(name, d))
+        entry = {"kernel": stack(lambda i: get(f"model.layers.{i}.{hf}.weight", shape).T)}
+        if config.attention_bias and hf in _BIASED:
+            entry["bias"] = stack(lambda i: get(f"model.layers.{i}.{hf}.bias", shape[:1]))
+        layers[group][name] = entry
+    for hf, name in _LAYER_NORMS.items():
+        layers[name] = {"scale": stack(lambda i: get(f"model.layers.{i}.{hf}.weight", (d,)))}
+    params = {
+        "embed": {"embedding": jnp.asarray(get("model.embed_tokens.weight", (v, d)), dtype)},
+        "layers": layers,
+        "final_norm": {"scale": jnp.asarray(get("model.norm.weight", (d,)), dtype)},
+    }
+    if not config.tie_word_embeddings:
+        params["lm_head"] = {"kernel": jnp.asarray(get("lm_head.weight", (v, d)).T, dtype)}
+    return params
+
+
+def hf_from_params(config: ModelConfig, params: Mapping) -> dict[str, np.ndarray]:
+    """The Hugging Face state dict (numpy, contiguous, in the params' dtype) of jaxppo params."""
+    def host(x):
+        return np.ascontiguousarray(np.asarray(x))
+
+    layers = params["layers"]
+    out = {
+        "model.embed_tokens.weight": host(params["embed"]["embedding"]),
+        "model.norm.weight": host(params["final_norm"]["scale"]),
+    }
+    if not config.tie_word_embeddings:
+        out["lm_head.weight"] = host(np.asarray(params["lm_head"]["kernel"]).T)
+    for i in range(config.num_layers):
+        for hf, (group, name) in _LAYER_LINEARS.items():
+            out[f"model.layers.{i}.{hf}.weight"] = host(np.asarray(layers[group][name]["kernel"][i]).T)
+            if "bias" in layers[group][name]:
+                out[f"model.layers.{i}.{hf}.bias"] = host(layers[group][name]["bias"][i])
+        for hf, name in _LAYER_NORMS.items():
+            out[f"model.layers.{i}.{hf}.weight"] = host(layers[name]["scale"][i])
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Files
+# ------------------------------------------------------------------------------------------------
+
+
+def read_safetensors(directory: pathlib.Path) -> dict[str, np.ndarray]:
+    """All tensors of ``model.safetensors`` or of a sharded ``model.safetensors.index.json``."""
+    from safetensors import safe_open
+
+    index = directory / "model.safetensors.index.json"
+    single = directory / "model.safetensors"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted(set(weight_map.values()))
+    elif single.is_file():
+        files = [single.name]
+    else:
+        if any(directory.glob("*.bin")) or any(directory.glob("*.pt")):
+            raise ValueError(f"{directory}: only pickle weights (*.bin/*.pt) found; jaxppo loads safetensors only "
+                             "(convert with transformers' save_pretrained(safe_serialization=True))")
+        raise FileNotFoundError(f"{directory}: no model.safetensors or model.safetensors.index.json")
+    tensors = {}
+    for name in files:
+        # framework="flax" reads bf16 as well; arrays land on the host through numpy.
+        with safe_open(directory / name, framework="flax") as f:
+            for key in f.keys():
+                tensors[key] = np.asarray(f.get_tensor(key))
+    return tensors
+
+
+def load_pretrained(path: str | os.PathLike, **config_overrides):
+    """``(model_config, params, tokenizer)`` from a Hugging Face directory or a ``.gguf`` file.
+
+    ``config_overrides`` set jaxppo-only fields such as ``param_dtype``, ``dtype`` or ``remat``.
+    The tokenizer is ``None`` for a directory without ``tokenizer.json``.
+    """
+    path = pathlib.Path(path)
+    if path.suffix == ".gguf" or (path.is_file() and path.read_bytes()[:4] == b"GGUF"):
+        from jaxppo.weights.gguf import read_gguf
+
+        checkpoint = read_gguf(path)
+        config = ModelConfig.from_hf_dict(checkpoint.config, source=str(path), **config_overrides)
+        return config, params_from_hf(config, checkpoint.tensors, source=str(path)), checkpoint.tokenizer
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: neither a checkpoint directory nor a .gguf file")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{path}: no config.json")
+    try:
+        hf_config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_file}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    config = ModelConfig.from_hf_dict(hf_config, source=str(config_file), **config_overrides)
+    params = params_from_hf(config, read_safetensors(path), source=str(path))
+    tokenizer = None
+    if (path / "tokenizer.json").is_file():
+        from jaxppo.weights.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.from_files(path)
+    return config, params, tokenizer
+
+
+def save_pretrained(out_dir: str | os.PathLike, model_config: ModelConfig, params: Mapping, tokenizer=None) -> pathlib.Path:
+    """Writes ``config.json``, ``model.safetensors`` and the tokenizer files into ``out_dir``.
+
+    ``transformers.AutoModelForCausalLM.from_pretrained(out_dir)`` loads the result. Each file is
+    written to a temporary name and renamed, so an interrupted save never leaves a torn file.
+    """
+    from safetensors.numpy import save_file
+
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = hf_from_params(model_config, params)
+    dtype_name = str(next(iter(tensors.values())).dtype)
+    if any(a.dtype == ml_dtypes.bfloat16 for a in tensors.values()):
+        # safetensors.numpy knows no bfloat16: store via the flax backend, which does.
+        from safetensors.flax import save_file as save_jax
+
+        def save_file(ts, filename, metadata):  # noqa: F811
+            save_jax({k: jnp.asarray(v) for k, v in ts.items()}, filename, metadata=metadata)
+
+    hf_config = model_config.to_hf_dict()
+    hf_config["torch_dtype"] = "bfloat16" if dtype_name == "bfloat16" else dtype_name
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+        tmp = pathlib.Path(tmp)
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        for file in tmp.iterdir():
+            os.replace(file, out_dir / file.name)
+    return out_dir
