@@ -1,0 +1,72 @@
+"""Train states, optimizers and micro-batch gradient accumulation.
+
+A trained role (SFT model, reward model, actor, critic) is a ``flax.training.train_state.TrainState``
+— a frozen pytree of params, optax state and step. A frozen role (reference, reward model in PPO) is
+a bare params pytree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax.training.train_state import TrainState
+
+Array = jax.Array
+
+
+def make_optimizer(
+    *, learning_rate: float, max_grad_norm: float | None = 1.0, weight_decay: float = 0.0,
+    warmup_steps: int = 0, b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
+) -> optax.GradientTransformation:
+    """Global-norm clipping then AdamW, with an optional linear warm-up."""
+    lr = learning_rate
+    if warmup_steps > 0:
+        lr = optax.linear_schedule(0.0, learning_rate, warmup_steps)
+    parts = [optax.clip_by_global_norm(max_grad_norm)] if max_grad_norm else []
+    parts.append(optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
+    return optax.chain(*parts)
+
+
+def create_train_state(params: dict, tx: optax.GradientTransformation) -> TrainState:
+    """A train state at step 0 (``apply_fn`` unused: jaxppo's models are plain functions)."""
+    return TrainState.create(apply_fn=None, params=params, tx=tx)
+
+
+def split_micro_batches(batch, micro_batches: int):
+    """Reshapes every leaf ``[B, ...]`` to ``[micro_batches, B / micro_batches, ...]``."""
+    def split(x):
+        if x.shape[0] % micro_batches:
+            raise ValueError(f"batch size {x.shape[0]} is not divisible by micro_batches={micro_batches}")
+        return x.reshape((micro_batches, x.shape[0] // micro_batches) + x.shape[1:])
+
+    return jax.tree.map(split, batch)
+
+
+def accumulate_gradients(
+    loss_fn: Callable, params, batch, *, micro_batches: int = 1
+) -> tuple[Array, dict, dict]:
+    """Mean loss, mean aux and mean gradients of ``loss_fn(params, micro_batch) -> (loss, aux)``.
+
+    With ``micro_batches`` > 1 the batch is split and gradients are summed by a ``lax.scan``, so
+    only one micro-batch's activations are alive at a time; the result equals the full-batch
+    gradient when the loss is a mean over equally sized micro-batches.
+    """
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if micro_batches == 1:
+        (loss, aux), grads = grad_fn(params, batch)
+        return loss, aux, grads
+
+    def step(carry, micro):
+        (loss, aux), grads = grad_fn(params, micro)
+        acc = jax.tree.map(jnp.add, carry, (loss, aux, grads))
+        return acc, None
+
+    first = jax.tree.map(lambda x: x[0], split_micro_batches(batch, micro_batches))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(lambda: grad_fn(params, first)))
+    (loss, aux), grads = zeros
+    (loss, aux, grads), _ = jax.lax.scan(step, (loss, aux, grads), split_micro_batches(batch, micro_batches))
+    scale = 1.0 / micro_batches
+    return jax.tree.map(lambda x: x * scale, (loss, aux, grads))

@@ -1,0 +1,96 @@
+"""Reward-model training from preferences: Bradley–Terry pairs or Plackett–Luce rankings.
+
+A reward model is a trunk plus a ``reward_head``; its score of a (prompt, response) is the head at
+the last real token (:func:`jaxppo.sequences.response_scores`).
+
+* Pairs: ``prompt`` ``[B, P]``, ``prompt_mask``, ``chosen`` / ``rejected`` ``[B, N]`` with their masks,
+  optional ``margin`` ``[B]``; loss :func:`jaxppo.losses.bradley_terry_loss`.
+* Rankings: ``prompt``, ``prompt_mask``, ``responses`` ``[B, K, N]`` ordered best first with
+  ``response_mask`` ``[B, K, N]``; loss :func:`jaxppo.losses.plackett_luce_loss`.
+
+After training, :func:`normalize_reward_head` folds a gain and bias into the head so that scores of
+policy samples have mean 0 and standard deviation 1 (Ziegler et al. 2019, lm-human-preferences).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax.training.train_state import TrainState
+
+from jaxppo.losses import bradley_terry_loss, plackett_luce_loss
+from jaxppo.models.config import ModelConfig
+from jaxppo.optim import accumulate_gradients
+from jaxppo.sequences import response_scores
+
+OBJECTIVES = ("bradley_terry", "plackett_luce")
+
+
+def pair_loss(config: ModelConfig, params: dict, batch: dict, *, use_margin: bool = False):
+    """Bradley–Terry loss of a batch of pairs (both responses scored in one forward pass)."""
+    b = batch["prompt"].shape[0]
+    prompt = jnp.concatenate([batch["prompt"]] * 2)
+    prompt_mask = jnp.concatenate([batch["prompt_mask"]] * 2)
+    responses = jnp.concatenate([batch["chosen"], batch["rejected"]])
+    masks = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]])
+    scores = response_scores(config, params, prompt, prompt_mask, responses, masks)
+    return bradley_terry_loss(scores[:b], scores[b:], margin=batch["margin"] if use_margin else None)
+
+
+def ranking_loss(config: ModelConfig, params: dict, batch: dict):
+    """Plackett–Luce loss of a batch of ranked lists (all K responses in one forward pass)."""
+    b, k, n = batch["responses"].shape
+    prompt = jnp.repeat(batch["prompt"], k, axis=0)
+    prompt_mask = jnp.repeat(batch["prompt_mask"], k, axis=0)
+    scores = response_scores(config, params, prompt, prompt_mask, batch["responses"].reshape(b * k, n),
+                             batch["response_mask"].reshape(b * k, n))
+    return plackett_luce_loss(scores.reshape(b, k))
+
+
+def _loss_fn(config: ModelConfig, objective: str, use_margin: bool):
+    if objective not in OBJECTIVES:
+        raise ValueError(f"reward model `objective`={objective!r} is not one of {OBJECTIVES}")
+    if objective == "bradley_terry":
+        return functools.partial(pair_loss, config, use_margin=use_margin)
+    return functools.partial(ranking_loss, config)
+
+
+def make_reward_step(config: ModelConfig, *, objective: str = "bradley_terry", use_margin: bool = False,
+                     micro_batches: int = 1):
+    """Jitted ``step(state, batch) -> (state, metrics)`` (loss, accuracy, grad norm); state donated."""
+    loss_fn = _loss_fn(config, objective, use_margin)
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def step(state: TrainState, batch: dict):
+        loss, aux, grads = accumulate_gradients(loss_fn, state.params, batch, micro_batches=micro_batches)
+        metrics = {"loss": loss, "accuracy": aux["accuracy"], "grad_norm": optax.global_norm(grads)}
+        return state.apply_gradients(grads=grads), metrics
+
+    return step
+
+
+def make_reward_eval(config: ModelConfig, *, objective: str = "bradley_terry", use_margin: bool = False):
+    """Jitted ``evaluate(params, batch) -> {"loss", "accuracy"}`` on held-out preferences."""
+    loss_fn = _loss_fn(config, objective, use_margin)
+
+    @jax.jit
+    def evaluate(params: dict, batch: dict):
+        loss, aux = loss_fn(params, batch)
+        return {"loss": loss, "accuracy": aux["accuracy"]}
+
+    return evaluate
+
+
+def normalize_reward_head(params: dict, scores: jax.Array, *, head: str = "reward_head", eps: float = 1e-6) -> dict:
+    r"""Params whose head scores ``(s − μ)/σ``: kernel·g and bias·g − μ·g with g = 1/σ.
+
+    ``scores`` are the current head's scores of samples from the policy RL starts from (the SFT
+    model), so PPO begins with rewards of mean 0 and standard deviation 1.
+    """
+    mean, std = jnp.mean(scores), jnp.std(scores)
+    gain = 1.0 / (std + eps)
+    new_head = {"kernel": params[head]["kernel"] * gain, "bias": (params[head]["bias"] - mean) * gain}
+    return {**params, head: new_head}

@@ -1,0 +1,112 @@
+"""PPO rollout: generate → log-probs (actor, reference) → values → reward → Trajectory.
+
+One jitted function turns a batch of prompts into a frozen :class:`Trajectory` (seed 003's
+pipeline, Ziegler et al. 2019):
+
+1. sample responses from the actor (:mod:`jaxppo.sampling`);
+2. one forward pass of the actor over prompt + response gives the old log-probs (at the sampling
+   temperature) — and the values, for a shared-trunk critic; a separate critic does its own pass;
+3. the frozen reference gives the reference log-probs (same temperature), the frozen reward model
+   the score at the last response token; a response that never stopped loses
+   ``missing_eos_penalty``;
+4. per-token rewards −β·KL_t plus the score at the last token (:func:`~jaxppo.advantages.kl_shaped_rewards`),
+   optionally whitened without shifting their mean;
+5. GAE by reverse scan, then optional advantage whitening.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from jaxppo.advantages import explained_variance, gae, kl_shaped_rewards, sequence_sum, whiten
+from jaxppo.masking import masked_mean
+from jaxppo.models.config import ModelConfig
+from jaxppo.ppo_config import PPOConfig
+from jaxppo.sampling import SamplingParams, sample
+from jaxppo.sequences import response_logprobs, response_scores, response_values
+
+Array = jax.Array
+
+
+class Trajectory(struct.PyTreeNode):
+    """Everything the PPO update needs about one batch of episodes; ``[B, N]`` unless noted."""
+
+    prompt: Array  # [B, P] left-padded
+    prompt_mask: Array  # [B, P]
+    response: Array  # [B, N] right-padded
+    response_mask: Array  # [B, N] float, 1 up to and including the stop token
+    old_logprobs: Array
+    ref_logprobs: Array
+    old_values: Array
+    scores: Array  # [B] reward-model score (after the missing-EOS penalty)
+    rewards: Array  # per-token rewards fed to GAE
+    kl: Array  # per-token KL estimate to the reference
+    advantages: Array
+    returns: Array
+
+
+def make_rollout(
+    actor_config: ModelConfig,
+    ppo: PPOConfig,
+    *,
+    critic_config: ModelConfig | None = None,
+    reward_config: ModelConfig | None = None,
+    score_fn=None,
+):
+    """Jitted ``rollout(actor, critic, reference, reward, prompt, prompt_mask, key, kl_coef)``.
+
+    ``actor``/``reference``/``reward`` are params; ``critic`` is the separate critic's params or
+    None for a shared-trunk value head (``ppo.critic == "shared"``). With ``score_fn(prompt,
+    prompt_mask, response, response_mask) -> [B]`` (a programmatic, verifiable reward) the score
+    comes from it and ``reward`` is ignored. Returns ``(Trajectory, metrics)``. Traced once per
+    prompt shape.
+    """
+    critic_config = critic_config or actor_config
+    reward_config = reward_config or actor_config
+    sampling = SamplingParams(
+        max_new_tokens=ppo.max_new_tokens, temperature=ppo.temperature, top_k=ppo.top_k, top_p=ppo.top_p,
+        stop_token_ids=ppo.stop_token_ids, pad_token_id=ppo.pad_token_id,
+    )
+    shared = ppo.critic == "shared"
+
+    @jax.jit
+    def rollout(actor, critic, reference, reward, prompt, prompt_mask, key, kl_coef):
+        out = sample(actor_config, actor, prompt, prompt_mask, key, sampling=sampling)
+        response, mask = out.tokens, out.mask
+        args = (prompt, prompt_mask, response, mask)
+        old_logprobs, values, _ = response_logprobs(actor_config, actor, *args, temperature=ppo.temperature,
+                                                    value_head="value_head" if shared else None)
+        if not shared:
+            values = response_values(critic_config, critic, *args)
+        ref_logprobs, _, _ = response_logprobs(actor_config, reference, *args, temperature=ppo.temperature)
+        proxy = score_fn(*args) if score_fn is not None else response_scores(reward_config, reward, *args)
+        stopped = jnp.any((mask > 0) & jnp.isin(response, jnp.asarray(ppo.stop_token_ids or (-1,))), axis=1)
+        scores = jnp.where(stopped, proxy, proxy - ppo.missing_eos_penalty)
+        beta = kl_coef if ppo.kl_in_reward else 0.0
+        rewards, kl = kl_shaped_rewards(scores, old_logprobs, ref_logprobs, mask, kl_coef=beta,
+                                        estimator=ppo.kl_estimator)
+        if ppo.whiten_rewards:
+            rewards = whiten(rewards, mask, shift_mean=False)
+        advantages, returns = gae(rewards, values, mask, gamma=ppo.gamma, lam=ppo.lam)
+        if ppo.whiten_advantages:
+            advantages = whiten(advantages, mask)
+        traj = Trajectory(prompt, prompt_mask, response, mask, old_logprobs, ref_logprobs, values, scores,
+                          rewards, kl, advantages, returns)
+        metrics = {
+            "proxy_reward": jnp.mean(proxy),  # the reward model's score, before the missing-EOS penalty
+            "score": jnp.mean(scores),
+            "kl": jnp.mean(sequence_sum(kl, mask)),
+            "kl_coef": jnp.asarray(kl_coef, jnp.float32),
+            "response_length": jnp.mean(jnp.sum(mask, axis=1)),
+            "stopped_fraction": jnp.mean(stopped.astype(jnp.float32)),
+            "value_mean": masked_mean(values, mask),
+            "return_mean": masked_mean(returns, mask),
+            "explained_variance": explained_variance(values, returns, mask),
+        }
+        return traj, metrics
+
+    return rollout

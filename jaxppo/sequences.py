@@ -1,0 +1,85 @@
+"""Forward passes over (prompt, response) pairs, shared by SFT, reward modelling and PPO.
+
+Layout (the same everywhere): prompts are left-padded ``[B, P]`` with ``prompt_mask``; responses
+are right-padded ``[B, N]`` with ``response_mask`` (1 up to and including the stop token). The
+sequence is their concatenation ``[B, P + N]``. Response token t sits at position P + t and is
+predicted from position P + t − 1, so "the state before token t" — where the policy's log-prob and
+the critic's value V(s_t) are read — is position P + t − 1.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxppo.models.config import ModelConfig
+from jaxppo.models.heads import chosen_logprobs, last_real_index, scalar_head
+from jaxppo.models.llama import decoder_hidden
+
+Array = jax.Array
+
+
+def concat(prompt: Array, prompt_mask: Array, response: Array, response_mask: Array) -> tuple[Array, Array]:
+    """``(tokens, mask)`` of the whole sequences ``[B, P + N]`` (masks as int32)."""
+    if prompt.shape[0] != response.shape[0]:
+        raise ValueError(f"prompt batch {prompt.shape[0]} != response batch {response.shape[0]}")
+    tokens = jnp.concatenate([prompt, response], axis=1).astype(jnp.int32)
+    mask = jnp.concatenate([prompt_mask, response_mask], axis=1).astype(jnp.int32)
+    return tokens, mask
+
+
+def response_hidden(
+    config: ModelConfig, params: dict, prompt: Array, prompt_mask: Array, response: Array, response_mask: Array
+) -> tuple[Array, Array]:
+    """Hidden states of the states before each response token ``[B, N, D]`` and of all positions."""
+    tokens, mask = concat(prompt, prompt_mask, response, response_mask)
+    hidden, _ = decoder_hidden(config, params, tokens, mask)
+    p = prompt.shape[1]
+    return hidden[:, p - 1 : p - 1 + response.shape[1]], hidden
+
+
+def response_logprobs(
+    config: ModelConfig,
+    params: dict,
+    prompt: Array,
+    prompt_mask: Array,
+    response: Array,
+    response_mask: Array,
+    *,
+    temperature: float = 1.0,
+    value_head: str | None = None,
+    with_entropy: bool = False,
+):
+    """log π(response_t | prefix) ``[B, N]`` at ``temperature``; optionally values and entropy.
+
+    With ``value_head`` (a shared-trunk actor-critic) also returns that head's values ``[B, N]``
+    from the same forward pass; with ``with_entropy`` also the per-token entropy ``[B, N]``.
+    Returns a tuple ``(logprobs, values or None, entropy or None)``.
+    """
+    hidden, _ = response_hidden(config, params, prompt, prompt_mask, response, response_mask)
+    out = chosen_logprobs(config, params, hidden, response.astype(jnp.int32), temperature=temperature,
+                          with_entropy=with_entropy)
+    logprobs, ent = out if with_entropy else (out, None)
+    values = scalar_head(params[value_head], hidden) if value_head is not None else None
+    return logprobs, values, ent
+
+
+def response_values(
+    config: ModelConfig, params: dict, prompt: Array, prompt_mask: Array, response: Array, response_mask: Array,
+    *, head: str = "value_head",
+) -> Array:
+    """Critic values V(s_t) ``[B, N]`` of the states before each response token."""
+    hidden, _ = response_hidden(config, params, prompt, prompt_mask, response, response_mask)
+    return scalar_head(params[head], hidden)
+
+
+def response_scores(
+    config: ModelConfig, params: dict, prompt: Array, prompt_mask: Array, response: Array, response_mask: Array,
+    *, head: str = "reward_head",
+) -> Array:
+    """Reward-model score ``[B]``: the scalar head at each sequence's last real token."""
+    tokens, mask = concat(prompt, prompt_mask, response, response_mask)
+    hidden, _ = decoder_hidden(config, params, tokens, mask)
+    last = last_real_index(mask)
+    last_hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+    return scalar_head(params[head], last_hidden)

@@ -1,0 +1,43 @@
+"""Supervised fine-tuning: masked next-token NLL on response tokens only.
+
+A batch is a dict of ``prompt`` ``[B, P]`` (left-padded), ``prompt_mask``, ``response`` ``[B, N]``
+(right-padded) and ``response_mask``. Prompt tokens are context, never targets:
+
+.. math:: L = −\\frac{1}{\\sum m}\\sum_{b,t} m_{bt} \\log π_θ(y_{bt} \\mid x_b, y_{b,<t})
+
+(:func:`jaxppo.losses.sft_loss` on chunked log-probs, so ``[B, T, V]`` logits never exist at once.)
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import optax
+from flax.training.train_state import TrainState
+
+from jaxppo.masking import masked_mean
+from jaxppo.models.config import ModelConfig
+from jaxppo.optim import accumulate_gradients
+from jaxppo.sequences import response_logprobs
+
+SFT_KEYS = ("prompt", "prompt_mask", "response", "response_mask")
+
+
+def sft_nll(config: ModelConfig, params: dict, batch: dict) -> tuple[jax.Array, dict]:
+    """Masked mean NLL of the response tokens and ``{"nll": …}``."""
+    logprobs, _, _ = response_logprobs(config, params, *(batch[k] for k in SFT_KEYS))
+    nll = -masked_mean(logprobs, batch["response_mask"])
+    return nll, {"nll": nll}
+
+
+def make_sft_step(config: ModelConfig, *, micro_batches: int = 1):
+    """Jitted ``step(state, batch) -> (state, metrics)``; the state is donated."""
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def step(state: TrainState, batch: dict):
+        loss, _, grads = accumulate_gradients(functools.partial(sft_nll, config), state.params, batch,
+                                              micro_batches=micro_batches)
+        return state.apply_gradients(grads=grads), {"loss": loss, "grad_norm": optax.global_norm(grads)}
+
+    return step

@@ -1,0 +1,170 @@
+"""SFT, reward models and PPO on tiny models: behaviour of the update, critics, RMs, end to end."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxppo.advantages import explained_variance
+from jaxppo.logging import RunLogger, read_metrics
+from jaxppo.losses import policy_loss
+from jaxppo.models.config import ModelConfig
+from jaxppo.models.heads import init_params, init_scalar_head
+from jaxppo.optim import create_train_state, make_optimizer
+from jaxppo.pipeline_config import PipelineConfig, RewardModelConfig, SFTConfig
+from jaxppo.ppo import make_update
+from jaxppo.ppo_config import PPOConfig
+from jaxppo.rollout import make_rollout
+from jaxppo.sequences import response_logprobs, response_values
+from jaxppo.toy_task import EOS, PAD, ToyTaskConfig, gold_reward, sample_prompts
+from jaxppo.train import Pipeline, run_pipeline
+
+TASK = ToyTaskConfig(num_topics=1, words_per_topic=4, context_words=1, max_response_tokens=6,
+                     demo_min_words=1, demo_max_words=4, demo_liked_prob=0.4)
+MODEL = ModelConfig(vocab_size=TASK.vocab_size, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                    num_kv_heads=1, head_dim=16, max_position_embeddings=32, tie_word_embeddings=True)
+PPO = PPOConfig(batch_size=16, minibatches=2, epochs=2, max_new_tokens=TASK.max_response_tokens, stop_token_ids=(EOS,),
+                pad_token_id=PAD, learning_rate=1e-3, kl_coef=0.05)
+
+
+def gold_score(*args):
+    return gold_reward(TASK, *args)
+
+
+def setup(ppo: PPOConfig = PPO, seed: int = 0, actor_tx=None):
+    """Actor/critic states, reference params and one trajectory scored by the gold reward."""
+    key = jax.random.key(seed)
+    base = init_params(MODEL, key)
+    actor_params = jax.tree.map(jnp.copy, base)
+    critic_state = None
+    if ppo.critic == "shared":
+        actor_params["value_head"] = init_scalar_head(MODEL, key, "value_head")
+    else:
+        critic_params = {**jax.tree.map(jnp.copy, base), "value_head": init_scalar_head(MODEL, key, "value_head")}
+        critic_state = create_train_state(critic_params, make_optimizer(learning_rate=ppo.critic_learning_rate
+                                                                        or ppo.learning_rate))
+    actor = create_train_state(actor_params, actor_tx or make_optimizer(learning_rate=ppo.learning_rate))
+    rollout = make_rollout(MODEL, ppo, score_fn=gold_score)
+    prompts = sample_prompts(TASK, jax.random.key(seed + 1), ppo.batch_size)
+    traj, metrics = rollout(actor.params, None if critic_state is None else critic_state.params, base, None,
+                            *prompts, jax.random.key(seed + 2), ppo.kl_coef)
+    return actor, critic_state, base, traj, rollout, make_update(MODEL, ppo)
+
+
+def surrogate(params, traj, ppo=PPO):
+    logprobs, _, _ = response_logprobs(MODEL, params, traj.prompt, traj.prompt_mask, traj.response,
+                                       traj.response_mask, temperature=ppo.temperature)
+    return float(policy_loss(logprobs, traj.old_logprobs, traj.advantages, traj.response_mask,
+                             clip_eps=ppo.clip_eps)[0]), logprobs
+
+
+def test_update_recomputes_old_logprobs_and_decreases_the_surrogate():
+    actor, critic, _, traj, _, update = setup()
+    before, old = surrogate(actor.params, traj)
+    assert before == pytest.approx(0.0, abs=1e-6)  # ratio 1 and whitened advantages: the surrogate is 0
+    np.testing.assert_allclose(old, traj.old_logprobs, atol=1e-5)
+    actor, critic, metrics = update(actor, critic, traj, jax.random.key(9), PPO.kl_coef, None)
+    assert float(metrics["first_max_abs_log_ratio"]) <= 1e-5  # ratio = 1 on the first minibatch
+    after, _ = surrogate(actor.params, traj)
+    assert after < before - 1e-3
+
+
+def test_tiny_clip_barely_moves_the_policy():
+    # Plain SGD: once every ratio leaves [1 − ε, 1 + ε] the gradient is zero and so is the step
+    # (Adam's momentum would keep drifting, which is Adam, not the clip).
+    moves = {}
+    for clip in (0.2, 1e-4):
+        ppo = dataclasses.replace(PPO, clip_eps=clip, epochs=4)
+        actor, critic, _, traj, _, update = setup(ppo, actor_tx=optax.sgd(0.01))
+        _, old = surrogate(actor.params, traj, ppo)
+        actor, _, _ = update(actor, critic, traj, jax.random.key(9), ppo.kl_coef, None)
+        _, new = surrogate(actor.params, traj, ppo)
+        moves[clip] = float(jnp.sum(jnp.abs(new - old) * traj.response_mask) / jnp.sum(traj.response_mask))
+    assert moves[1e-4] < 0.35 * moves[0.2], moves
+
+
+def test_zero_advantages_leave_the_actor_unchanged():
+    actor, critic, _, traj, _, update = setup()
+    traj = traj.replace(advantages=jnp.zeros_like(traj.advantages))
+    before = jax.tree.map(np.asarray, actor.params)
+    actor, critic, _ = update(actor, critic, traj, jax.random.key(9), PPO.kl_coef, None)
+    jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, actor.params))
+
+
+@pytest.mark.parametrize("critic", ["separate", "shared"])
+def test_critic_learns_a_value_function(critic):
+    ppo = dataclasses.replace(PPO, critic=critic, learning_rate=3e-3, critic_learning_rate=3e-3, vf_coef=1.0,
+                              value_clip_eps=None, epochs=4)
+    actor, critic_state, _, traj, _, update = setup(ppo)
+    for i in range(40):
+        actor, critic_state, _ = update(actor, critic_state, traj, jax.random.key(i), 0.0, None)
+    args = (traj.prompt, traj.prompt_mask, traj.response, traj.response_mask)
+    if critic == "shared":
+        values = response_logprobs(MODEL, actor.params, *args, value_head="value_head")[1]
+    else:
+        values = response_values(MODEL, critic_state.params, *args)
+    assert float(explained_variance(values, traj.returns, traj.response_mask)) > 0.5
+
+
+def test_kl_loss_ptx_and_shapes_are_traced_once():
+    ppo = dataclasses.replace(PPO, kl_in_reward=False, kl_estimator="k3", ptx_coef=0.1, critic="shared")
+    actor, critic, ref, traj, rollout, update = setup(ppo)
+    ptx = {"prompt": traj.prompt, "prompt_mask": traj.prompt_mask, "response": traj.response,
+           "response_mask": traj.response_mask.astype(jnp.int32)}
+    np.testing.assert_array_equal(traj.rewards.sum(1), traj.scores * (traj.response_mask.sum(1) > 0))  # no KL in reward
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, *_a, **_k: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration" else None)
+    for i in range(3):
+        prompts = sample_prompts(TASK, jax.random.key(100 + i), ppo.batch_size)
+        traj, _ = rollout(actor.params, None, ref, None, *prompts, jax.random.key(i), 0.1)
+        actor, critic, metrics = update(actor, critic, traj, jax.random.key(i), 0.1, ptx)
+        if i == 0:
+            compiles.clear()  # the first iteration compiles; later ones must not
+    assert compiles == []
+    assert {"kl_loss", "ptx_loss", "value_loss"} <= set(metrics)
+
+
+def test_reward_model_check_fails_on_mismatched_config():
+    with pytest.raises(ValueError, match="ppo.minibatches"):
+        PPOConfig(batch_size=10, minibatches=4)
+    with pytest.raises(ValueError, match="model.vocab_size"):
+        PipelineConfig(model=dataclasses.replace(MODEL, vocab_size=99), task=TASK,
+                       ppo=dataclasses.replace(PPO, max_new_tokens=TASK.max_response_tokens))
+
+
+def tiny_config(**rm) -> PipelineConfig:
+    rm = {"num_prompts": 1024, "steps": 300, "learning_rate": 3e-3, **rm}
+    return PipelineConfig(
+        model=MODEL, task=TASK, sft=SFTConfig(steps=150, batch_size=32, learning_rate=3e-3, warmup_steps=10),
+        reward_model=RewardModelConfig(batch_size=32, **rm),
+        ppo=dataclasses.replace(PPO, iterations=4), seed=1)
+
+
+@pytest.mark.parametrize("objective", ["bradley_terry", "plackett_luce"])
+def test_reward_models_reach_90_percent_pairwise_accuracy(tmp_path, objective):
+    config = tiny_config(objective=objective, list_size=3, num_prompts=4096, steps=600, learning_rate=1e-3)
+    config = dataclasses.replace(config, task=dataclasses.replace(TASK, preference_beta=20.0))  # near-noiseless labels
+    with RunLogger(tmp_path, echo=None) as logger:
+        pipe = Pipeline(config, logger)
+        _, result = pipe.reward_model(pipe.sft())
+    # pairwise accuracy on the held-out preferences that the (near-noiseless) labels strictly order
+    assert result["gold_accuracy"] > 0.9, result
+
+
+def test_end_to_end_sft_rm_ppo(tmp_path):
+    summary = run_pipeline(tiny_config(), tmp_path)
+    assert set(summary) >= {"sft_gold_reward", "final_gold_reward", "optimal_gold_reward", "wall_seconds"}
+    assert summary["optimal_gold_reward"] == 4.0
+    assert json.loads((tmp_path / "summary.json").read_text())["final_gold_reward"] == summary["final_gold_reward"]
+    ppo_rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["stage"] == "ppo"]
+    assert [r["iteration"] for r in ppo_rows] == [0, 1, 2, 3]
+    assert all({"gold_reward", "proxy_reward", "kl"} <= set(r) for r in ppo_rows)
+    assert (tmp_path / "ppo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert any((tmp_path / "tensorboard").iterdir())
