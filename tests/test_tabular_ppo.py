@@ -35,4 +35,4 @@ def test_config_errors_name_the_field(tmp_path):
         load_config(bad)
     with pytest.raises(FileNotFoundError, match="missing.py"):
         load_config(tmp_path / "missing.py")
-    assert isinstance(load_config("configs/default.py"), TabularPPOConfig)
+    assert isinstance(load_config("configs/tabular.py"), TabularPPOConfig)
