@@ -97,13 +97,13 @@ def make_update(actor_config: ModelConfig, ppo: PPOConfig, *, critic_config: Mod
             return loss_fn(params, {**batch, "traj": micro_traj})
 
         _, aux, grads = accumulate_gradients(micro_loss, actor.params, minibatch, micro_batches=ppo.micro_batches)
-        aux["actor_grad_norm"] = optax.global_norm(grads)
+        aux["actor_grad_norm"] = optax.tree.norm(grads)
         actor = actor.apply_gradients(grads=grads)
         if not shared:
             _, critic_aux, critic_grads = accumulate_gradients(
                 functools.partial(micro_loss, loss_fn=critic_loss_fn), critic.params, minibatch,
                 micro_batches=ppo.micro_batches)
-            critic_aux["critic_grad_norm"] = optax.global_norm(critic_grads)
+            critic_aux["critic_grad_norm"] = optax.tree.norm(critic_grads)
             critic = critic.apply_gradients(grads=critic_grads)
             aux.update(critic_aux)
         return (actor, critic, kl_coef, ptx), aux

@@ -66,7 +66,7 @@ def make_reward_step(config: ModelConfig, *, objective: str = "bradley_terry", u
     @functools.partial(jax.jit, donate_argnums=0)
     def step(state: TrainState, batch: dict):
         loss, aux, grads = accumulate_gradients(loss_fn, state.params, batch, micro_batches=micro_batches)
-        metrics = {"loss": loss, "accuracy": aux["accuracy"], "grad_norm": optax.global_norm(grads)}
+        metrics = {"loss": loss, "accuracy": aux["accuracy"], "grad_norm": optax.tree.norm(grads)}
         return state.apply_gradients(grads=grads), metrics
 
     return step

@@ -16,8 +16,6 @@ pipeline, Ziegler et al. 2019):
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from flax import struct

@@ -5,7 +5,8 @@ A batch is a dict of ``prompt`` ``[B, P]`` (left-padded), ``prompt_mask``, ``res
 
 .. math:: L = −\\frac{1}{\\sum m}\\sum_{b,t} m_{bt} \\log π_θ(y_{bt} \\mid x_b, y_{b,<t})
 
-(:func:`jaxppo.losses.sft_loss` on chunked log-probs, so ``[B, T, V]`` logits never exist at once.)
+(the quantity of :func:`jaxppo.losses.sft_loss`, computed from chunked log-probs of the response
+tokens so the ``[B, T, V]`` logits never exist at once.)
 """
 
 from __future__ import annotations
@@ -38,6 +39,6 @@ def make_sft_step(config: ModelConfig, *, micro_batches: int = 1):
     def step(state: TrainState, batch: dict):
         loss, _, grads = accumulate_gradients(functools.partial(sft_nll, config), state.params, batch,
                                               micro_batches=micro_batches)
-        return state.apply_gradients(grads=grads), {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        return state.apply_gradients(grads=grads), {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
     return step

@@ -158,7 +158,7 @@ def test_each_function_traced_once_for_repeated_shapes():
     ]
     for fn, static, n_args in cases:
         jitted, calls = count_traces(fn, **static)
-        for i in range(3):
+        for _ in range(3):
             args = [f32(rng.normal(size=(B, T))) for _ in range(n_args - 1)] + [f32(mask)]
             if fn is kl_shaped_rewards:
                 args = [f32(rng.normal(size=B))] + args[:2] + [f32(mask)]

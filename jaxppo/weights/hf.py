@@ -83,18 +83,20 @@ def params_from_hf(config: ModelConfig, tensors: Mapping[str, np.ndarray], *, so
             raise ValueError(f"{source}: tensor {name!r} has shape {array.shape}, expected {tuple(shape)}")
         return array
 
-    def stack(fn):
-        return jnp.asarray(np.stack([fn(i) for i in range(config.num_layers)]), dtype)
+    def stack(suffix, shape, transpose=False):
+        """The per-layer tensors ``model.layers.{i}.<suffix>`` stacked on a leading layer axis."""
+        arrays = [get(f"model.layers.{i}.{suffix}", shape) for i in range(config.num_layers)]
+        return jnp.asarray(np.stack([a.T if transpose else a for a in arrays]), dtype)
 
     layers: dict = {"attn": {}, "mlp": {}}
     for hf, (group, name) in _LAYER_LINEARS.items():
         shape = (out_dims[name], in_dims.get(name, d))
-        entry = {"kernel": stack(lambda i: get(f"model.layers.{i}.{hf}.weight", shape).T)}
+        entry = {"kernel": stack(f"{hf}.weight", shape, transpose=True)}
         if config.attention_bias and hf in _BIASED:
-            entry["bias"] = stack(lambda i: get(f"model.layers.{i}.{hf}.bias", shape[:1]))
+            entry["bias"] = stack(f"{hf}.bias", shape[:1])
         layers[group][name] = entry
     for hf, name in _LAYER_NORMS.items():
-        layers[name] = {"scale": stack(lambda i: get(f"model.layers.{i}.{hf}.weight", (d,)))}
+        layers[name] = {"scale": stack(f"{hf}.weight", (d,))}
     params = {
         "embed": {"embedding": jnp.asarray(get("model.embed_tokens.weight", (v, d)), dtype)},
         "layers": layers,
