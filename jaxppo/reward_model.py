@@ -29,25 +29,36 @@ from jaxppo.sequences import response_scores
 OBJECTIVES = ("bradley_terry", "plackett_luce")
 
 
-def pair_loss(config: ModelConfig, params: dict, batch: dict, *, use_margin: bool = False):
-    """Bradley–Terry loss of a batch of pairs (both responses scored in one forward pass)."""
+def pair_scores(config: ModelConfig, params: dict, batch: dict) -> tuple[jax.Array, jax.Array]:
+    """Scores ``[B]`` of the chosen and the rejected responses, both in one forward pass."""
     b = batch["prompt"].shape[0]
     prompt = jnp.concatenate([batch["prompt"]] * 2)
     prompt_mask = jnp.concatenate([batch["prompt_mask"]] * 2)
     responses = jnp.concatenate([batch["chosen"], batch["rejected"]])
     masks = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]])
     scores = response_scores(config, params, prompt, prompt_mask, responses, masks)
-    return bradley_terry_loss(scores[:b], scores[b:], margin=batch["margin"] if use_margin else None)
+    return scores[:b], scores[b:]
 
 
-def ranking_loss(config: ModelConfig, params: dict, batch: dict):
-    """Plackett–Luce loss of a batch of ranked lists (all K responses in one forward pass)."""
+def list_scores(config: ModelConfig, params: dict, batch: dict) -> jax.Array:
+    """Scores ``[B, K]`` of ranked lists of responses, all K in one forward pass."""
     b, k, n = batch["responses"].shape
     prompt = jnp.repeat(batch["prompt"], k, axis=0)
     prompt_mask = jnp.repeat(batch["prompt_mask"], k, axis=0)
     scores = response_scores(config, params, prompt, prompt_mask, batch["responses"].reshape(b * k, n),
                              batch["response_mask"].reshape(b * k, n))
-    return plackett_luce_loss(scores.reshape(b, k))
+    return scores.reshape(b, k)
+
+
+def pair_loss(config: ModelConfig, params: dict, batch: dict, *, use_margin: bool = False):
+    """Bradley–Terry loss of a batch of pairs."""
+    chosen, rejected = pair_scores(config, params, batch)
+    return bradley_terry_loss(chosen, rejected, margin=batch["margin"] if use_margin else None)
+
+
+def ranking_loss(config: ModelConfig, params: dict, batch: dict):
+    """Plackett–Luce loss of a batch of ranked lists."""
+    return plackett_luce_loss(list_scores(config, params, batch))
 
 
 def _loss_fn(config: ModelConfig, objective: str, use_margin: bool):

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxppo.models.config import ModelConfig
-from jaxppo.models.heads import chosen_logprobs, last_real_index, scalar_head
+from jaxppo.models.heads import chosen_logprobs, scalar_head, sequence_scores
 from jaxppo.models.llama import decoder_hidden
 
 Array = jax.Array
@@ -78,8 +78,4 @@ def response_scores(
     *, head: str = "reward_head",
 ) -> Array:
     """Reward-model score ``[B]``: the scalar head at each sequence's last real token."""
-    tokens, mask = concat(prompt, prompt_mask, response, response_mask)
-    hidden, _ = decoder_hidden(config, params, tokens, mask)
-    last = last_real_index(mask)
-    last_hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
-    return scalar_head(params[head], last_hidden)
+    return sequence_scores(config, params, *concat(prompt, prompt_mask, response, response_mask), head=head)

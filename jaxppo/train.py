@@ -7,6 +7,7 @@ only when it logs. Everything random derives from ``config.seed`` by ``fold_in``
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from jaxppo.models.heads import init_params, init_scalar_head
 from jaxppo.optim import create_train_state, make_optimizer
 from jaxppo.pipeline_config import PipelineConfig
 from jaxppo.ppo import make_update
-from jaxppo.reward_model import make_reward_eval, make_reward_step, normalize_reward_head
+from jaxppo.reward_model import list_scores, make_reward_eval, make_reward_step, normalize_reward_head, pair_scores
 from jaxppo.rollout import make_rollout
 from jaxppo.sampling import SamplingParams, make_sampler
 from jaxppo.sequences import response_scores
@@ -148,21 +149,14 @@ class Pipeline:
         result = {"eval_accuracy": float(eval_metrics["accuracy"]), "eval_loss": float(eval_metrics["loss"])}
         # gold_accuracy: agreement with the hidden gold order on the held-out pairs it strictly orders
         if rm.objective == "bradley_terry":
-            scores = self.scores(state.params, jnp.concatenate([held_out["prompt"]] * 2),
-                                 jnp.concatenate([held_out["prompt_mask"]] * 2),
-                                 jnp.concatenate([held_out["chosen"], held_out["rejected"]]),
-                                 jnp.concatenate([held_out["chosen_mask"], held_out["rejected_mask"]]))
+            chosen, rejected = jax.jit(functools.partial(pair_scores, c.model))(state.params, held_out)
             diff = np.asarray(data["gold_diff"][:n_eval])
-            agree = np.sign(np.asarray(scores[:n_eval] - scores[n_eval:])) == np.sign(diff)
+            agree = np.sign(np.asarray(chosen - rejected)) == np.sign(diff)
             result["gold_accuracy"] = float(agree[diff != 0].mean())
         else:  # every pair (i, j) of a list whose gold rewards differ, against the gold order
-            b, k, n = held_out["responses"].shape
-            scores = np.asarray(self.scores(state.params, jnp.repeat(held_out["prompt"], k, 0),
-                                            jnp.repeat(held_out["prompt_mask"], k, 0),
-                                            held_out["responses"].reshape(b * k, n),
-                                            held_out["response_mask"].reshape(b * k, n))).reshape(b, k)
+            scores = np.asarray(jax.jit(functools.partial(list_scores, c.model))(state.params, held_out))
             gold = np.asarray(data["gold"][:n_eval])
-            i, j = np.triu_indices(k, 1)
+            i, j = np.triu_indices(scores.shape[1], 1)
             strict = gold[:, i] != gold[:, j]
             agree = np.sign(scores[:, i] - scores[:, j]) == np.sign(gold[:, i] - gold[:, j])
             result["gold_accuracy"] = float(agree[strict].mean())
