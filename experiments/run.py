@@ -1,26 +1,23 @@
-"""Main job: ``python -m experiments.run [--config configs/<x>.py] [--run-dir DIR]``.
+"""Main job: ``python -m experiments.run [--config configs/<x>.py] [--set KEY=VALUE ...] [--run-dir DIR]``.
 
-Kept thin on purpose: parse the command line, load the config, call the library.
+Kept thin on purpose: parse the command line, load the config, call the library. ``--help`` (after
+``--config``) lists every field of that config with its doc. Re-running with the same ``--run-dir``
+resumes from the run's last complete checkpoint.
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 from pathlib import Path
 
-from jaxppo.config import load_config
+from jaxppo.cli import parse_args
 from jaxppo.pipeline_config import PipelineConfig
 from jaxppo.tabular_ppo import TabularPPOConfig, train
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--config", default="configs/default.py", help="config file defining get_config()")
-    parser.add_argument("--run-dir", default=None, help="output directory (default: a fresh folder under runs/)")
-    args = parser.parse_args(argv)
-    config = load_config(args.config)
+    config, args = parse_args(argv, description=__doc__)
     if isinstance(config, TabularPPOConfig):
         history = train(config)
         print(f"gold score {history[0]['score']:.3f} -> {history[-1]['score']:.3f} (optimum 1.0)")

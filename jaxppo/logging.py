@@ -123,6 +123,8 @@ class RunLogger:
       tensorboard: also write TensorBoard events under ``run_dir/tensorboard``.
       echo: called with a one-line summary of every :meth:`log` call; ``None`` for silence.
         The default ``print`` goes through ``tqdm.write`` so it does not tear progress bars.
+      wandb_project: also log every row to Weights & Biases under this project (``wandb`` must be
+        installed; a clear error otherwise). ``wandb_config`` is recorded as the run's config.
     """
 
     def __init__(
@@ -131,6 +133,8 @@ class RunLogger:
         *,
         tensorboard: bool = True,
         echo: Callable[[str], None] | None = print,
+        wandb_project: str | None = None,
+        wandb_config: Mapping | None = None,
     ):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -144,6 +148,15 @@ class RunLogger:
             from tensorboardX import SummaryWriter  # lazy: imports torch when it is installed
 
             self._tb = SummaryWriter(str(self.run_dir / TENSORBOARD_DIR), flush_secs=10)
+        self._wandb = None
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                raise ValueError("config field `wandb_project` is set but wandb is not installed "
+                                 "(pip install wandb), or set it to \"\"") from None
+            self._wandb = wandb.init(project=wandb_project, dir=str(self.run_dir), name=self.run_dir.name,
+                                     config=_jsonable(dict(wandb_config or {})), resume="allow")
         self._closed = False
 
     # -- metrics ------------------------------------------------------------------------------
@@ -173,6 +186,8 @@ class RunLogger:
             if self._tb is not None:
                 for key, value in row.items():
                     self._tb.add_scalar(f"{stage}/{key}", value, global_step=step)
+            if self._wandb is not None:
+                self._wandb.log({f"{stage}/{key}": value for key, value in row.items()} | {f"{stage}/step": step})
         if self.echo is not None:
             self.echo(_format_row(stage, step, row))
         return row
@@ -247,6 +262,8 @@ class RunLogger:
             self._jsonl.close()
             if self._tb is not None:
                 self._tb.close()
+            if self._wandb is not None:
+                self._wandb.finish()
 
     def __enter__(self) -> RunLogger:
         return self

@@ -19,20 +19,36 @@ Array = jax.Array
 
 def make_optimizer(
     *, learning_rate: float, max_grad_norm: float | None = 1.0, weight_decay: float = 0.0,
-    warmup_steps: int = 0, b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
+    warmup_steps: int = 0, b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8, skip_nonfinite: bool = True,
 ) -> optax.GradientTransformation:
-    """Global-norm clipping then AdamW, with an optional linear warm-up."""
+    """Global-norm clipping then AdamW, with an optional linear warm-up.
+
+    With ``skip_nonfinite`` (default) the chain is wrapped in ``optax.apply_if_finite``: a step whose
+    gradients hold a NaN or ±inf (a NaN/inf loss has such gradients) leaves params and optimizer
+    moments unchanged and is counted; :func:`skipped_updates` reads the count.
+    """
     lr = learning_rate
     if warmup_steps > 0:
         lr = optax.linear_schedule(0.0, learning_rate, warmup_steps)
     parts = [optax.clip_by_global_norm(max_grad_norm)] if max_grad_norm else []
     parts.append(optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
-    return optax.chain(*parts)
+    tx = optax.chain(*parts)
+    # max_consecutive_errors: never give up and apply a non-finite update
+    return optax.apply_if_finite(tx, max_consecutive_errors=2**30) if skip_nonfinite else tx
+
+
+def skipped_updates(state: TrainState) -> Array:
+    """How many updates of ``state`` were skipped for non-finite gradients (0 without the guard)."""
+    opt_state = state.opt_state
+    if isinstance(opt_state, optax.ApplyIfFiniteState):
+        return opt_state.total_notfinite
+    return jnp.zeros([], jnp.int32)
 
 
 def create_train_state(params: dict, tx: optax.GradientTransformation) -> TrainState:
     """A train state at step 0 (``apply_fn`` unused: jaxppo's models are plain functions)."""
-    return TrainState.create(apply_fn=None, params=params, tx=tx)
+    # step as an int32 array from the start: a Python 0 would make the first jitted step trace twice
+    return TrainState.create(apply_fn=None, params=params, tx=tx).replace(step=jnp.zeros([], jnp.int32))
 
 
 def split_micro_batches(batch, micro_batches: int):

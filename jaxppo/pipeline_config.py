@@ -8,19 +8,23 @@ from jaxppo.config import require
 from jaxppo.models.config import ModelConfig
 from jaxppo.ppo_config import PPOConfig
 from jaxppo.reward_model import OBJECTIVES
+from jaxppo.tasks import TextTaskConfig
 from jaxppo.toy_task import ToyTaskConfig
 
 
 @dataclasses.dataclass(frozen=True)
 class SFTConfig:
-    steps: int = 600
-    batch_size: int = 64
-    learning_rate: float = 3e-3
-    warmup_steps: int = 50
-    micro_batches: int = 1
+    """Supervised fine-tuning on demonstrations (masked NLL of response tokens)."""
+
+    steps: int = 600  # 0: no SFT (a pretrained instruct model is the SFT policy)
+    batch_size: int = 64  # demonstrations per step
+    learning_rate: float = 3e-3  # AdamW peak learning rate
+    warmup_steps: int = 50  # linear warm-up from 0
+    micro_batches: int = 1  # gradient accumulation: batch_size / micro_batches rows per forward pass
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "micro_batches"):
+        require(self.steps >= 0, "sft.steps", f"must be >= 0, got {self.steps}")
+        for name in ("batch_size", "micro_batches"):
             require(getattr(self, name) >= 1, f"sft.{name}", f"must be >= 1, got {getattr(self, name)}")
         require(self.batch_size % self.micro_batches == 0, "sft.micro_batches",
                 f"batch_size={self.batch_size} must be divisible by micro_batches={self.micro_batches}")
@@ -28,16 +32,18 @@ class SFTConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RewardModelConfig:
-    objective: str = "bradley_terry"  # or "plackett_luce"
+    """Reward model: trunk of the SFT model + scalar head, trained on preference pairs or ranked lists."""
+
+    objective: str = "bradley_terry"  # "bradley_terry" (pairs) or "plackett_luce" (ranked lists)
     list_size: int = 4  # K responses per prompt for Plackett–Luce
     num_prompts: int = 8192  # preference data: prompts with sampled responses from the SFT policy
-    eval_fraction: float = 0.1
-    steps: int = 1000
-    batch_size: int = 64
-    learning_rate: float = 1e-3
-    warmup_steps: int = 50
-    micro_batches: int = 1
-    use_margin: bool = False
+    eval_fraction: float = 0.1  # share of the preference data held out for eval accuracy
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 64  # pairs (or lists) per step
+    learning_rate: float = 1e-3  # AdamW peak learning rate
+    warmup_steps: int = 50  # linear warm-up from 0
+    micro_batches: int = 1  # gradient accumulation
+    use_margin: bool = False  # Bradley–Terry with the pair's margin (Llama 2)
     drop_ties: bool = True  # pairs whose responses have equal gold reward are not labelled
     normalize: bool = True  # gain/bias so SFT samples score mean 0, std 1
 
@@ -50,20 +56,54 @@ class RewardModelConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class PipelineConfig:
-    """SFT → reward model → PPO on the embedded toy task with a hidden gold reward."""
+class CheckpointConfig:
+    """Orbax checkpoints under ``run_dir/checkpoints``; re-running with the same ``--run-dir`` resumes."""
 
-    model: ModelConfig
-    task: ToyTaskConfig = ToyTaskConfig()
+    enabled: bool = True  # save and resume
+    every_steps: int = 200  # SFT / reward-model steps between saves (and always at a stage's end)
+    every_iterations: int = 10  # PPO iterations between saves (and always at the end)
+    keep: int = 2  # newest checkpoints kept per stage
+
+    def __post_init__(self):
+        for name in ("every_steps", "every_iterations", "keep"):
+            require(getattr(self, name) >= 1, f"checkpoint.{name}", f"must be >= 1, got {getattr(self, name)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """SFT → reward model → PPO: on the embedded toy task, or on a pretrained model with a text task."""
+
+    model: ModelConfig  # architecture and dtypes (for a pretrained model: its own, from read_model_config)
+    task: ToyTaskConfig | TextTaskConfig = ToyTaskConfig()  # where prompts, data and the gold reward come from
     sft: SFTConfig = SFTConfig()
     reward_model: RewardModelConfig = RewardModelConfig()
     ppo: PPOConfig = PPOConfig()
-    seed: int = 0
-    log_every: int = 1
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    pretrained: str = ""  # HF directory, .gguf file or "smollm2"; "" = random init
+    seed: int = 0  # every random draw derives from it by fold_in
+    log_every: int = 1  # PPO iterations between metric rows
+    eval_batch_size: int = 512  # sampler batch for evaluation and preference data
+    num_samples: int = 8  # responses written to samples_*.jsonl before and after PPO
+    export_hf: bool = True  # write the final actor as a Hugging Face directory (run_dir/actor_hf)
+    wandb_project: str = ""  # also log to Weights & Biases (needs `pip install wandb`); "" = off
 
     def __post_init__(self):
-        require(self.model.vocab_size == self.task.vocab_size, "model.vocab_size",
-                f"must equal the task's vocabulary size {self.task.vocab_size}, got {self.model.vocab_size}")
+        text = isinstance(self.task, TextTaskConfig)
+        require(not text or bool(self.pretrained), "pretrained", "a text task needs a pretrained model (its tokenizer)")
+        require(bool(self.pretrained) or self.sft.steps >= 1, "sft.steps",
+                "a randomly initialised model needs SFT (steps >= 1)")
+        if not text:
+            require(self.model.vocab_size == self.task.vocab_size, "model.vocab_size",
+                    f"must equal the task's vocabulary size {self.task.vocab_size}, got {self.model.vocab_size}")
+        else:
+            require(self.sft.steps == 0 or bool(self.task.demonstrations), "task.demonstrations",
+                    "SFT steps > 0 need a demonstrations file")
         require(self.ppo.max_new_tokens == self.task.max_response_tokens, "ppo.max_new_tokens",
                 f"must equal task.max_response_tokens={self.task.max_response_tokens}")
+        prompt_len = self.task.max_prompt_tokens if text else self.task.prompt_length
+        require(prompt_len + self.task.max_response_tokens <= self.model.max_position_embeddings,
+                "task.max_response_tokens", f"prompt ({prompt_len}) + response ({self.task.max_response_tokens}) "
+                f"tokens exceed the model's context of {self.model.max_position_embeddings}")
         require(self.log_every >= 1, "log_every", "must be >= 1")
+        require(self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
+        require(self.num_samples >= 0, "num_samples", "must be >= 0")

@@ -23,7 +23,7 @@ from flax.training.train_state import TrainState
 from jaxppo.losses import kl_penalty, policy_loss, value_loss
 from jaxppo.masking import masked_mean
 from jaxppo.models.config import ModelConfig
-from jaxppo.optim import accumulate_gradients
+from jaxppo.optim import accumulate_gradients, skipped_updates
 from jaxppo.ppo_config import PPOConfig
 from jaxppo.rollout import Trajectory
 from jaxppo.sequences import response_logprobs, response_values
@@ -124,6 +124,10 @@ def make_update(actor_config: ModelConfig, ppo: PPOConfig, *, critic_config: Mod
         metrics = {k: jnp.mean(v) for k, v in aux.items()}
         metrics["max_abs_log_ratio"] = jnp.max(aux["max_abs_log_ratio"])
         metrics["first_max_abs_log_ratio"] = aux["max_abs_log_ratio"][0, 0]
+        # cumulative count of minibatch steps skipped for non-finite gradients (optim.make_optimizer)
+        metrics["actor_skipped_updates"] = skipped_updates(actor)
+        if not shared:
+            metrics["critic_skipped_updates"] = skipped_updates(critic)
         return actor, critic, metrics
 
     return update

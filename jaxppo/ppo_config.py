@@ -15,42 +15,42 @@ class PPOConfig:
     """Everything the rollout and update functions need. Defaults follow trl / OpenRLHF."""
 
     # rollout
-    iterations: int = 100
-    batch_size: int = 64  # prompts per iteration
-    max_new_tokens: int = 8
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    stop_token_ids: tuple[int, ...] = ()
-    pad_token_id: int = 0
-    missing_eos_penalty: float = 1.0
+    iterations: int = 100  # PPO iterations: one rollout batch, then `epochs` passes over it
+    batch_size: int = 64  # prompts (= episodes) per iteration
+    max_new_tokens: int = 8  # response length cap, in tokens
+    temperature: float = 1.0  # > 0; sampling temperature, also applied to the log-probs PPO optimises
+    top_k: int = 0  # sample among the k most likely tokens; 0: off
+    top_p: float = 1.0  # nucleus sampling mass in (0, 1]; 1: off
+    stop_token_ids: tuple[int, ...] = ()  # a response ends with (and keeps) any of these, e.g. EOS; (): no stop
+    pad_token_id: int = 0  # fills a response after its stop token (masked out)
+    missing_eos_penalty: float = 1.0  # subtracted from the score of a response that never emitted a stop token
     # rewards and advantages
-    kl_coef: float = 0.05
-    kl_target: float | None = None  # None: fixed β; else adaptive (Ziegler et al. 2019)
-    kl_horizon: float = 10_000.0
-    kl_estimator: str = "k1"
-    kl_in_reward: bool = True  # False: KL as a loss term (PPO-penalty / GRPO style)
-    gamma: float = 1.0
-    lam: float = 0.95
-    whiten_rewards: bool = False
-    whiten_advantages: bool = True
+    kl_coef: float = 0.05  # β >= 0: weight of the KL to the reference policy (initial β when adaptive)
+    kl_target: float | None = None  # None: fixed β; else adapt β to this sequence KL (nats; Ziegler et al. 2019)
+    kl_horizon: float = 10_000.0  # adaptive β moves <= 20 % × batch_size / kl_horizon per iteration
+    kl_estimator: str = "k1"  # per-token KL estimate: k1 (log-ratio), k2, k3 or abs (losses.kl_penalty)
+    kl_in_reward: bool = True  # True: −β·KL in the per-token rewards; False: β·KL as an actor loss term (GRPO style)
+    gamma: float = 1.0  # discount per response token, in [0, 1]
+    lam: float = 0.95  # GAE λ in [0, 1]
+    whiten_rewards: bool = False  # scale per-token rewards to unit std over the batch (mean kept)
+    whiten_advantages: bool = True  # whiten advantages to mean 0, std 1 over the batch's valid tokens
     # update
-    epochs: int = 4
-    minibatches: int = 4
-    micro_batches: int = 1
-    learning_rate: float = 1e-5
-    critic_learning_rate: float | None = None  # separate critic; default learning_rate
-    max_grad_norm: float = 1.0
-    clip_eps: float = 0.2
-    clip_eps_high: float | None = None
-    dual_clip: float | None = None
-    value_clip_eps: float | None = 0.2
-    vf_coef: float = 0.1
-    entropy_coef: float = 0.0
-    aggregation: str = "token-mean"
-    critic: str = "separate"  # or "shared": a value head on the actor's trunk
-    critic_init: str = "reward_model"  # separate critic from "reward_model" or "sft"
-    ptx_coef: float = 0.0  # PPO-ptx: SFT loss on demonstrations mixed into the actor loss
+    epochs: int = 4  # passes over each rollout batch
+    minibatches: int = 4  # minibatches per epoch; must divide batch_size
+    micro_batches: int = 1  # gradient-accumulation splits of a minibatch; must divide the minibatch size
+    learning_rate: float = 1e-5  # > 0; actor AdamW learning rate
+    critic_learning_rate: float | None = None  # separate critic's learning rate; None: learning_rate
+    max_grad_norm: float = 1.0  # global gradient-norm clip of each actor / critic step; 0: off
+    clip_eps: float = 0.2  # > 0; PPO ratio clip: ρ kept in [1 − clip_eps, 1 + clip_eps_high]
+    clip_eps_high: float | None = None  # upper ratio clip; None: clip_eps (larger: DAPO's clip-higher)
+    dual_clip: float | None = None  # c > 1: loss of tokens with A < 0 capped at −c·A (Ye et al. 2020); None: off
+    value_clip_eps: float | None = 0.2  # value loss clips new values to old ± this; None: unclipped
+    vf_coef: float = 0.1  # weight of the value loss
+    entropy_coef: float = 0.0  # weight of the entropy bonus (subtracted from the actor loss)
+    aggregation: str = "token-mean"  # token losses → scalar: token-mean, seq-mean-token-mean or seq-mean-token-sum
+    critic: str = "separate"  # "separate": its own model; "shared": a value head on the actor's trunk
+    critic_init: str = "reward_model"  # separate critic from "reward_model" (its head → value head) or "sft" (new head)
+    ptx_coef: float = 0.0  # PPO-ptx: weight of an SFT loss on demonstrations in the actor loss; 0: off
     ref_refresh_every: int = 0  # 0: never; k: reference ← actor every k iterations
 
     def __post_init__(self):

@@ -23,7 +23,7 @@ from flax.training.train_state import TrainState
 
 from jaxppo.losses import bradley_terry_loss, plackett_luce_loss
 from jaxppo.models.config import ModelConfig
-from jaxppo.optim import accumulate_gradients
+from jaxppo.optim import accumulate_gradients, skipped_updates
 from jaxppo.sequences import response_scores
 
 OBJECTIVES = ("bradley_terry", "plackett_luce")
@@ -77,8 +77,10 @@ def make_reward_step(config: ModelConfig, *, objective: str = "bradley_terry", u
     @functools.partial(jax.jit, donate_argnums=0)
     def step(state: TrainState, batch: dict):
         loss, aux, grads = accumulate_gradients(loss_fn, state.params, batch, micro_batches=micro_batches)
-        metrics = {"loss": loss, "accuracy": aux["accuracy"], "grad_norm": optax.tree.norm(grads)}
-        return state.apply_gradients(grads=grads), metrics
+        state = state.apply_gradients(grads=grads)
+        metrics = {"loss": loss, "accuracy": aux["accuracy"], "grad_norm": optax.tree.norm(grads),
+                   "skipped_updates": skipped_updates(state)}
+        return state, metrics
 
     return step
 

@@ -30,24 +30,24 @@ from jaxppo.losses import entropy, policy_loss, value_loss
 class TabularPPOConfig:
     """Hyper-parameters of :func:`train` (every field is validated by name)."""
 
-    vocab_size: int = 8
-    length: int = 6
-    target_token: int = 3
-    batch_size: int = 64
-    iterations: int = 60
-    epochs: int = 4
-    learning_rate: float = 0.05
-    gamma: float = 1.0
-    lam: float = 0.95
-    clip_eps: float = 0.2
-    value_clip_eps: float | None = 0.2
-    vf_coef: float = 0.5
-    entropy_coef: float = 0.0
-    kl_coef: float = 0.05
-    kl_target: float | None = 1.0
-    kl_horizon: float = 2_000.0
-    kl_estimator: str = "k1"
-    seed: int = 0
+    vocab_size: int = 8  # tokens per position, >= 2
+    length: int = 6  # response length T (every response is exactly T tokens)
+    target_token: int = 3  # the score is the fraction of response tokens equal to this; in [0, vocab_size)
+    batch_size: int = 64  # responses sampled per iteration
+    iterations: int = 60  # PPO iterations (rollout, then `epochs` updates)
+    epochs: int = 4  # full-batch Adam steps per iteration
+    learning_rate: float = 0.05  # Adam learning rate for the logit and value tables
+    gamma: float = 1.0  # discount per token, in [0, 1]
+    lam: float = 0.95  # GAE λ in [0, 1]
+    clip_eps: float = 0.2  # PPO ratio clip ε > 0
+    value_clip_eps: float | None = 0.2  # value loss clips new values to old ± this; None: unclipped
+    vf_coef: float = 0.5  # weight of the value loss
+    entropy_coef: float = 0.0  # weight of the entropy bonus
+    kl_coef: float = 0.05  # β >= 0: weight of the KL to the initial policy (initial β when adaptive)
+    kl_target: float | None = 1.0  # None: fixed β; else adapt β to this sequence KL (nats)
+    kl_horizon: float = 2_000.0  # adaptive β moves <= 20 % × batch_size / kl_horizon per iteration
+    kl_estimator: str = "k1"  # per-token KL estimate: k1, k2, k3 or abs
+    seed: int = 0  # PRNG seed of the initial policy and all sampling
 
     def __post_init__(self):
         require(self.vocab_size >= 2, "vocab_size", f"must be >= 2, got {self.vocab_size}")

@@ -35,15 +35,15 @@ PAD, BOS, EOS, SEP = 0, 1, 2, 3
 
 @dataclasses.dataclass(frozen=True)
 class ToyTaskConfig:
-    num_topics: int = 4
-    words_per_topic: int = 6
-    neutral_words: int = 8
-    context_words: int = 2
-    max_response_tokens: int = 8
-    demo_liked_prob: float = 0.3
-    demo_min_words: int = 2
-    demo_max_words: int = 6
-    preference_beta: float = 2.0
+    num_topics: int = 4  # topics; each likes its own block of words
+    words_per_topic: int = 6  # words liked by each topic (the best response says each once)
+    neutral_words: int = 8  # words no topic likes
+    context_words: int = 2  # random words in a prompt after the topic token
+    max_response_tokens: int = 8  # response length cap, EOS included
+    demo_liked_prob: float = 0.3  # demonstrations: mean chance a word is liked, in [0, 0.5] (per demo ~ U(0, 2p))
+    demo_min_words: int = 2  # demonstrations: fewest words before EOS, >= 1
+    demo_max_words: int = 6  # demonstrations: most words before EOS, < max_response_tokens
+    preference_beta: float = 2.0  # preference noise: P(a ≻ b) = σ(β (gold_a − gold_b)); larger is less noisy
 
     def __post_init__(self):
         require(self.num_topics >= 1, "task.num_topics", f"must be >= 1, got {self.num_topics}")

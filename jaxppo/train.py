@@ -1,13 +1,23 @@
-"""Host loops of the three stages on the embedded task: SFT → reward model → PPO.
+"""Host loops of the three stages: SFT → reward model → PPO, with checkpoints and resume.
 
-Each loop reads top to bottom — sample data → jitted step → log — and pulls metrics to the host
-only when it logs. Everything random derives from ``config.seed`` by ``fold_in``.
+Each loop reads top to bottom — data for step i → jitted step → log → checkpoint — and pulls
+metrics to the host only when it logs. Everything random derives from ``config.seed`` by
+``fold_in`` of a stream name and the step, and every batch is a pure function of the step, so a
+run restored from a checkpoint at step k continues exactly as the uninterrupted run would.
+
+Resume (:func:`run_pipeline`): each stage keeps orbax checkpoints under
+``run_dir/checkpoints/<stage>`` (see :mod:`jaxppo.checkpoint`); a stage's final checkpoint is
+marked ``done`` and also holds what the stage hands on (SFT params; normalised reward-model params).
+Re-running the same command with the same run directory skips the stages that are done, restores
+the newest checkpoint of the stage in progress, and first cuts ``metrics.jsonl`` back to the rows
+logged up to that checkpoint, so the finished file equals an uninterrupted run's.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import time
 from pathlib import Path
 
@@ -15,8 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxppo.checkpoint import CheckpointError, StageCheckpoints
 from jaxppo.kl_control import init_kl_control, update_kl_control
-from jaxppo.logging import RunLogger
+from jaxppo.logging import RunLogger, read_metrics
 from jaxppo.models.heads import init_params, init_scalar_head
 from jaxppo.optim import create_train_state, make_optimizer
 from jaxppo.pipeline_config import PipelineConfig
@@ -26,9 +37,13 @@ from jaxppo.rollout import make_rollout
 from jaxppo.sampling import SamplingParams, make_sampler
 from jaxppo.sequences import response_scores
 from jaxppo.sft import make_sft_step
-from jaxppo.toy_task import EOS, PAD, demonstrations, gold_reward, preference_labels, sample_prompts
+from jaxppo.tasks import TextTask, TextTaskConfig, ToyTask
 
-EVAL_PROMPTS = 512
+STAGES = ("sft", "reward_model", "ppo")
+# metrics.jsonl stage → pipeline stage that writes it
+METRIC_STAGES = {"sft": "sft", "reward_model": "reward_model", "reward_model_eval": "reward_model",
+                 "ppo": "ppo", "eval": "ppo"}
+STEP_LOG_EVERY = 50  # SFT / reward-model steps between metric rows
 
 
 def _copy(tree):
@@ -36,143 +51,265 @@ def _copy(tree):
     return jax.tree.map(jnp.copy, tree)
 
 
-def _batches(data: dict, batch_size: int, key: jax.Array):
-    """An endless stream of shuffled batches of a dict of arrays (one epoch per permutation)."""
-    n = next(iter(data.values())).shape[0]
-    epoch = 0
-    while True:
-        order = np.asarray(jax.random.permutation(jax.random.fold_in(key, epoch), n))
-        for start in range(0, n - batch_size + 1, batch_size):
-            idx = order[start:start + batch_size]
-            yield {k: v[idx] for k, v in data.items()}
-        epoch += 1
+def _rows(data: dict, rows) -> dict:
+    return {k: v[rows] for k, v in data.items()}
+
+
+def _batch_rows(n: int, batch_size: int, key: jax.Array, step: int) -> np.ndarray:
+    """Rows of batch ``step`` of an endless stream of shuffled epochs (a pure function of the step)."""
+    per_epoch = n // batch_size
+    epoch, i = divmod(step, per_epoch)
+    order = np.asarray(jax.random.permutation(jax.random.fold_in(key, epoch), n))
+    return order[i * batch_size:(i + 1) * batch_size]
+
+
+def _load_model(config: PipelineConfig):
+    """``(base params or None, tokenizer or None)``; a pretrained checkpoint must match ``config.model``."""
+    if not config.pretrained:
+        return None, None
+    from jaxppo.weights.hf import load_pretrained
+
+    m = config.model
+    loaded, params, tokenizer = load_pretrained(config.pretrained, param_dtype=m.param_dtype, dtype=m.dtype,
+                                                remat=m.remat)
+    for field in dataclasses.fields(m):
+        if getattr(loaded, field.name) != getattr(m, field.name):
+            raise ValueError(f"config field `model.{field.name}`: {getattr(m, field.name)!r} does not match the "
+                             f"pretrained checkpoint {config.pretrained} ({getattr(loaded, field.name)!r})")
+    return params, tokenizer
 
 
 class Pipeline:
-    """The three stages for one :class:`PipelineConfig`, sharing jitted functions and data."""
+    """The three stages for one :class:`PipelineConfig`, sharing jitted functions, data and checkpoints."""
 
-    def __init__(self, config: PipelineConfig, logger: RunLogger):
+    def __init__(self, config: PipelineConfig, logger: RunLogger, checkpoint_dir: Path | None = None):
         self.config, self.logger = config, logger
         self.key = jax.random.key(config.seed)
-        task, ppo = config.task, config.ppo
-        self.sampling = SamplingParams(max_new_tokens=task.max_response_tokens, temperature=ppo.temperature,
-                                       stop_token_ids=(EOS,), pad_token_id=PAD)
+        self.base_params, self.tokenizer = _load_model(config)
+        if isinstance(config.task, TextTaskConfig):
+            self.task = TextTask(config.task, self.tokenizer, seed=config.seed, vocab_size=config.model.vocab_size)
+            print(f"prompts: {config.task.prompts}: {self.task.num_truncated_prompts} truncated to "
+                  f"{config.task.max_prompt_tokens} tokens")
+        else:
+            self.task = ToyTask(config.task, self._key)
+        self.sampling = SamplingParams(max_new_tokens=self.task.max_response_tokens, temperature=config.ppo.temperature,
+                                       top_k=config.ppo.top_k, top_p=config.ppo.top_p,
+                                       stop_token_ids=self.task.stop_token_ids, pad_token_id=self.task.pad_token_id)
         self.sampler = make_sampler(config.model, self.sampling)
-        self.gold = jax.jit(lambda *a: gold_reward(task, *a))
-        self.scores = jax.jit(lambda params, *a: response_scores(config.model, params, *a))
-        self.eval_prompts = sample_prompts(task, self._key("eval"), EVAL_PROMPTS)
+        self.scores = jax.jit(functools.partial(response_scores, config.model))
+        self.checkpoints = {}
+        if checkpoint_dir is not None:
+            as_dict = json.loads(json.dumps(dataclasses.asdict(config)))
+            self.checkpoints = {name: StageCheckpoints(checkpoint_dir / name, keep=config.checkpoint.keep,
+                                                       config=as_dict) for name in (*STAGES, "preference_data")}
 
     def _key(self, name: str, i: int = 0) -> jax.Array:
         return jax.random.fold_in(jax.random.fold_in(self.key, sum(map(ord, name)) * 7919), i)
 
-    def evaluate(self, params: dict, reward_params: dict | None = None, i: int = 0) -> dict:
+    # ------------------------------------------------------------------------------- helpers
+
+    def sample(self, params: dict, prompt, prompt_mask, key: jax.Array):
+        """Responses ``(tokens, mask)`` for any number of prompts, in sampler batches of ``eval_batch_size``."""
+        size = self.config.eval_batch_size
+        tokens, masks = [], []
+        for c, start in enumerate(range(0, prompt.shape[0], size)):
+            out = self.sampler(params, prompt[start:start + size], prompt_mask[start:start + size],
+                               jax.random.fold_in(key, c))
+            tokens.append(out.tokens)
+            masks.append(out.mask)
+        return jnp.concatenate(tokens), jnp.concatenate(masks)
+
+    def score(self, reward_params: dict, *args) -> jax.Array:
+        size = self.config.eval_batch_size
+        n = args[0].shape[0]
+        return jnp.concatenate([self.scores(reward_params, *(a[s:s + size] for a in args)) for s in range(0, n, size)])
+
+    def evaluate(self, params: dict, reward_params: dict | None = None, i: int = 0, samples: str = "") -> dict:
         """Gold (and proxy) reward of fresh samples of the policy on the fixed evaluation prompts."""
-        out = self.sampler(params, *self.eval_prompts, self._key("eval-sample", i))
-        args = (*self.eval_prompts, out.tokens, out.mask)
-        result = {"gold_reward": float(jnp.mean(self.gold(*args)))}
+        prompt, prompt_mask = self.task.eval_prompts()
+        response, mask = self.sample(params, prompt, prompt_mask, self._key("eval-sample", i))
+        args = (prompt, prompt_mask, response, mask)
+        gold = self.task.gold(*args)
+        result = {"gold_reward": float(np.mean(gold)), "response_length": float(jnp.mean(jnp.sum(mask, 1)))}
+        proxy = None
         if reward_params is not None:
-            result["proxy_reward"] = float(jnp.mean(self.scores(reward_params, *args)))
+            proxy = np.asarray(self.score(reward_params, *args))
+            result["proxy_reward"] = float(np.mean(proxy))
+        if samples and self.config.num_samples:
+            k = self.config.num_samples
+            shown = self.task.render(*(a[:k] for a in args))
+            for j, row in enumerate(shown):
+                row["gold_reward"] = float(gold[j])
+                if proxy is not None:
+                    row["proxy_reward"] = float(proxy[j])
+            self.logger.write_json(samples, {"samples": shown})
         return result
+
+    def _resume(self, stage: str, targets: dict):
+        """``(start step, restored items or None, meta)`` from the stage's newest checkpoint."""
+        ckpt = self.checkpoints.get(stage)
+        step = ckpt.latest_step() if ckpt else None
+        if step is None:
+            return 0, None, {}
+        items, meta = ckpt.restore(step, targets)
+        print(f"{stage}: resumed from {ckpt.directory / str(step)}")
+        return step, items, meta
+
+    def _save(self, stage: str, step: int, items: dict, meta: dict | None = None) -> None:
+        if stage in self.checkpoints:
+            self.checkpoints[stage].save(step, items, meta)
+
+    def _fit(self, stage: str, state, step_fn, batch_at, steps: int, outputs: dict | None = None):
+        """``steps`` of ``state, metrics = step_fn(state, batch_at(i))`` with logs and periodic checkpoints.
+
+        Returns ``(state, done_items, meta)``: when the stage's checkpoint says it is done, the saved
+        outputs and meta instead of training again (``outputs`` are restore targets for those).
+        """
+        every = self.config.checkpoint.every_steps
+        start, items, meta = self._resume(stage, {"state": state, **(outputs or {})} if self._is_done(stage)
+                                          else {"state": state})
+        if items is not None:
+            state = items["state"]
+            if meta.get("done"):
+                return state, items, meta
+        bar = self.logger.progress(range(start, steps), desc=stage)
+        for i in bar:
+            state, metrics = step_fn(state, batch_at(i))
+            if i % STEP_LOG_EVERY == 0 or i == steps - 1:
+                bar.set_postfix(self.logger.log(stage, i, metrics))
+            if (i + 1) % every == 0 and i + 1 < steps:
+                self._save(stage, i + 1, {"state": state})
+        return state, None, {}
+
+    def _is_done(self, stage: str) -> bool:
+        ckpt = self.checkpoints.get(stage)
+        step = ckpt.latest_step() if ckpt else None
+        return step is not None and bool(ckpt.read_meta(step).get("done"))
 
     # ---------------------------------------------------------------------------------------- SFT
 
     def sft(self) -> dict:
-        c, task = self.config, self.config.task
-        params = init_params(c.model, self._key("init"))
-        state = create_train_state(params, make_optimizer(learning_rate=c.sft.learning_rate,
-                                                          warmup_steps=c.sft.warmup_steps))
+        """The SFT policy's params: the pretrained model itself when ``sft.steps == 0``."""
+        c = self.config
+        if c.sft.steps == 0:
+            return self.base_params
+        params = self.base_params if self.base_params is not None else init_params(c.model, self._key("init"))
+        state = create_train_state(_copy(params), make_optimizer(learning_rate=c.sft.learning_rate,
+                                                                 warmup_steps=c.sft.warmup_steps))
         step = make_sft_step(c.model, micro_batches=c.sft.micro_batches)
-        bar = self.logger.progress(range(c.sft.steps), desc="SFT")
-        for i in bar:
-            prompt, prompt_mask = sample_prompts(task, self._key("sft-prompts", i), c.sft.batch_size)
-            response, response_mask = demonstrations(task, self._key("sft-demos", i), prompt, prompt_mask)
-            state, metrics = step(state, {"prompt": prompt, "prompt_mask": prompt_mask,
-                                          "response": response, "response_mask": response_mask})
-            if i % 50 == 0 or i == c.sft.steps - 1:
-                bar.set_postfix(self.logger.log("sft", i, metrics))
+        state, done, _ = self._fit("sft", state, step, lambda i: self.task.demonstrations("sft", i, c.sft.batch_size),
+                                   c.sft.steps)
+        if done is None:
+            self._save("sft", c.sft.steps, {"state": state}, {"done": True})
         return state.params
 
     # ------------------------------------------------------------------------------ reward model
 
     def preference_data(self, sft_params: dict) -> dict:
-        """Responses of the SFT policy, labelled by the hidden gold reward with Bradley–Terry noise."""
-        c, task = self.config, self.config.task
-        k = 2 if c.reward_model.objective == "bradley_terry" else c.reward_model.list_size
-        prompt, prompt_mask = sample_prompts(task, self._key("rm-prompts"), c.reward_model.num_prompts)
+        """The task's preference file, or responses of the SFT policy labelled by the hidden gold reward."""
+        rm = self.config.reward_model
+        from_file = self.task.preference_file()
+        if from_file is not None:
+            return dict(from_file)
+        k = 2 if rm.objective == "bradley_terry" else rm.list_size
+        prompt, prompt_mask = self.task.prompts("rm", 0, rm.num_prompts)
+        ckpt = self.checkpoints.get("preference_data")
+        if ckpt is not None and ckpt.latest_step() is not None:  # sampling is the expensive part: saved once
+            data, _ = ckpt.restore(ckpt.latest_step(), {"data": ...})
+            return {k: jnp.asarray(v) for k, v in data["data"].items()}
         responses, masks, golds = [], [], []
         for j in range(k):
-            out = self.sampler(sft_params, prompt, prompt_mask, self._key("rm-samples", j))
-            responses.append(out.tokens)
-            masks.append(out.mask)
-            golds.append(self.gold(prompt, prompt_mask, out.tokens, out.mask))
-        if k == 2:
-            a_wins = preference_labels(task, self._key("rm-labels"), golds[0], golds[1])
+            response, mask = self.sample(sft_params, prompt, prompt_mask, self._key("rm-samples", j))
+            responses.append(response)
+            masks.append(mask)
+            golds.append(jnp.asarray(self.task.gold(prompt, prompt_mask, response, mask), jnp.float32))
+        data = self._label(prompt, prompt_mask, responses, masks, golds)
+        if ckpt is not None:
+            ckpt.save(0, {"data": data}, {"done": True})
+        return data
+
+    def _label(self, prompt, prompt_mask, responses, masks, golds) -> dict:
+        """Pairs (Bradley–Terry-noisy gold labels) or Plackett–Luce-drawn rankings of sampled responses."""
+        rm = self.config.reward_model
+        if len(responses) == 2:
+            a_wins = jnp.asarray(self.task.preference_labels(self._key("rm-labels"), golds[0], golds[1]))
             pick = lambda a, b: jnp.where(a_wins[:, None], a, b)  # noqa: E731
             pairs = {"prompt": prompt, "prompt_mask": prompt_mask,
                      "chosen": pick(responses[0], responses[1]), "chosen_mask": pick(masks[0], masks[1]),
                      "rejected": pick(responses[1], responses[0]), "rejected_mask": pick(masks[1], masks[0]),
                      "margin": jnp.abs(golds[0] - golds[1]),
                      "gold_diff": jnp.where(a_wins, golds[0] - golds[1], golds[1] - golds[0])}
-            if c.reward_model.drop_ties:  # a labeller shown two equally good responses says "tie"
-                keep = np.flatnonzero(np.asarray(golds[0] != golds[1]))
-                pairs = {name: v[keep] for name, v in pairs.items()}
+            if rm.drop_ties:  # a labeller shown two equally good responses says "tie"
+                keep = jnp.abs(golds[0] - golds[1]) > 0
+                # fixed shapes (for checkpoints): tied pairs go last and are cut by `num_pairs` below
+                order = jnp.argsort(~keep, stable=True)
+                pairs = {name: v[order] for name, v in pairs.items()}
+                pairs["num_pairs"] = jnp.sum(keep).astype(jnp.int32)
             return pairs
         # Rankings: a Plackett–Luce draw with utilities β·gold (Gumbel-perturbed sort), best first.
         gold = jnp.stack(golds, axis=1)
+        beta = getattr(self.task.config, "preference_beta", 1.0)
         noise = jax.random.gumbel(self._key("rm-labels"), gold.shape)
-        order = jnp.argsort(-(task.preference_beta * gold + noise), axis=1)
+        order = jnp.argsort(-(beta * gold + noise), axis=1)
         take = lambda x: jnp.take_along_axis(x, order[:, :, None], axis=1)  # noqa: E731
         return {"prompt": prompt, "prompt_mask": prompt_mask, "responses": take(jnp.stack(responses, 1)),
                 "response_mask": take(jnp.stack(masks, 1)), "gold": jnp.take_along_axis(gold, order, axis=1)}
 
     def reward_model(self, sft_params: dict) -> tuple[dict, dict]:
-        c = self.config
-        rm = c.reward_model
-        data = self.preference_data(sft_params)
-        n = data["prompt"].shape[0]
-        n_eval = max(rm.batch_size, int(n * rm.eval_fraction))
-        train = {k: v[n_eval:] for k, v in data.items() if k not in ("gold", "gold_diff")}
-        held_out = {k: v[:n_eval] for k, v in data.items() if k not in ("gold", "gold_diff")}
-        # Train states are donated by their steps: every role gets its own copy of the buffers.
+        c, rm = self.config, self.config.reward_model
+        # Train states are donated by their steps: the reward model gets its own copy of the buffers.
         params = {k: v for k, v in _copy(sft_params).items() if k != "lm_head"}
         params["reward_head"] = init_scalar_head(c.model, self._key("rm-head"), "reward_head")
         state = create_train_state(params, make_optimizer(learning_rate=rm.learning_rate, warmup_steps=rm.warmup_steps))
+        if self._is_done("reward_model"):
+            _, done, meta = self._fit("reward_model", state, None, None, rm.steps, {"output": params})
+            return done["output"], meta["result"]
+        data = self.preference_data(sft_params)
+        n = int(data.pop("num_pairs", data["prompt"].shape[0]))
+        data = {k: v[:n] for k, v in data.items()}
+        n_eval = max(rm.batch_size, int(n * rm.eval_fraction))
+        if n - n_eval < rm.batch_size:
+            raise ValueError(f"config field `reward_model.num_prompts`: only {n} usable preference pairs/lists; "
+                             f"need > {n_eval + rm.batch_size} for a held-out set and one batch")
+        labels = {k: data.pop(k) for k in ("gold", "gold_diff") if k in data}
+        train = {k: v[n_eval:] for k, v in data.items()}
+        held_out = {k: v[:n_eval] for k, v in data.items()}
         step = make_reward_step(c.model, objective=rm.objective, use_margin=rm.use_margin, micro_batches=rm.micro_batches)
+        batches = self._key("rm-batches")
+        state, _, _ = self._fit("reward_model", state, step,
+                                lambda i: _rows(train, _batch_rows(n - n_eval, rm.batch_size, batches, i)), rm.steps)
         evaluate = make_reward_eval(c.model, objective=rm.objective, use_margin=rm.use_margin)
-        batches = _batches(train, rm.batch_size, self._key("rm-batches"))
-        bar = self.logger.progress(range(rm.steps), desc="reward model")
-        for i in bar:
-            state, metrics = step(state, next(batches))
-            if i % 50 == 0 or i == rm.steps - 1:
-                bar.set_postfix(self.logger.log("reward_model", i, metrics))
         eval_metrics = evaluate(state.params, held_out)
-        result = {"eval_accuracy": float(eval_metrics["accuracy"]), "eval_loss": float(eval_metrics["loss"])}
+        result = {"eval_accuracy": float(eval_metrics["accuracy"]), "eval_loss": float(eval_metrics["loss"]),
+                  "num_train": n - n_eval, "num_eval": n_eval}
         # gold_accuracy: agreement with the hidden gold order on the held-out pairs it strictly orders
-        if rm.objective == "bradley_terry":
+        if "gold_diff" in labels:
             chosen, rejected = jax.jit(functools.partial(pair_scores, c.model))(state.params, held_out)
-            diff = np.asarray(data["gold_diff"][:n_eval])
+            diff = np.asarray(labels["gold_diff"][:n_eval])
             agree = np.sign(np.asarray(chosen - rejected)) == np.sign(diff)
             result["gold_accuracy"] = float(agree[diff != 0].mean())
-        else:  # every pair (i, j) of a list whose gold rewards differ, against the gold order
+        elif "gold" in labels:  # every pair (i, j) of a list whose gold rewards differ, against the gold order
             scores = np.asarray(jax.jit(functools.partial(list_scores, c.model))(state.params, held_out))
-            gold = np.asarray(data["gold"][:n_eval])
+            gold = np.asarray(labels["gold"][:n_eval])
             i, j = np.triu_indices(scores.shape[1], 1)
             strict = gold[:, i] != gold[:, j]
             agree = np.sign(scores[:, i] - scores[:, j]) == np.sign(gold[:, i] - gold[:, j])
             result["gold_accuracy"] = float(agree[strict].mean())
         params = state.params
         if rm.normalize:
-            out = self.sampler(sft_params, *self.eval_prompts, self._key("rm-norm"))
-            params = normalize_reward_head(params, self.scores(params, *self.eval_prompts, out.tokens, out.mask))
+            prompt, prompt_mask = self.task.eval_prompts()
+            response, mask = self.sample(sft_params, prompt, prompt_mask, self._key("rm-norm"))
+            params = normalize_reward_head(params, self.score(params, prompt, prompt_mask, response, mask))
         self.logger.log("reward_model_eval", rm.steps, result)
+        self._save("reward_model", rm.steps, {"state": state, "output": params}, {"done": True, "result": result})
         return params, result
 
     # --------------------------------------------------------------------------------------- PPO
 
     def ppo(self, sft_params: dict, rm_params: dict) -> dict:
-        c, task, ppo = self.config, self.config.task, self.config.ppo
+        c, ppo = self.config, self.config.ppo
         shared = ppo.critic == "shared"
-        actor_params = _copy(sft_params)  # states are donated: own buffers for each role
+        actor_params = _copy(sft_params)  # states are donated: own buffers for each trained role
         critic_state = None
         if shared:
             actor_params["value_head"] = init_scalar_head(c.model, self.key, "value_head")
@@ -187,55 +324,132 @@ class Pipeline:
                 learning_rate=ppo.critic_learning_rate or ppo.learning_rate, max_grad_norm=ppo.max_grad_norm))
         actor_state = create_train_state(actor_params, make_optimizer(learning_rate=ppo.learning_rate,
                                                                        max_grad_norm=ppo.max_grad_norm))
-        ref_params = _copy(sft_params)
+        ref_params = sft_params  # frozen, never donated
+        kl_state = init_kl_control(kl_coef=ppo.kl_coef)
+        refresh = ppo.ref_refresh_every > 0
+        start, items, meta = self._resume("ppo", {"actor": actor_state, "critic": critic_state, "kl": kl_state,
+                                                  "reference": _copy(ref_params) if refresh else None})
+        if items is not None:
+            actor_state, critic_state, kl_state = items["actor"], items.get("critic"), items["kl"]
+            ref_params = items.get("reference", ref_params)
         rollout = make_rollout(c.model, ppo)
         update = make_update(c.model, ppo)
-        kl_state = init_kl_control(kl_coef=ppo.kl_coef)
-        bar = self.logger.progress(range(ppo.iterations), desc="PPO")
+        bar = self.logger.progress(range(start, ppo.iterations), desc="PPO")
         for it in bar:
-            prompt, prompt_mask = sample_prompts(task, self._key("ppo-prompts", it), ppo.batch_size)
+            prompt, prompt_mask = self.task.prompts("ppo", it, ppo.batch_size)
             traj, metrics = rollout(actor_state.params, None if shared else critic_state.params, ref_params,
                                     rm_params, prompt, prompt_mask, self._key("ppo-sample", it), kl_state.kl_coef)
-            metrics["gold_reward"] = jnp.mean(self.gold(traj.prompt, traj.prompt_mask, traj.response, traj.response_mask))
-            ptx = None
-            if ppo.ptx_coef > 0:
-                demo = demonstrations(task, self._key("ppo-ptx", it), prompt, prompt_mask)
-                ptx = {"prompt": prompt, "prompt_mask": prompt_mask, "response": demo[0], "response_mask": demo[1]}
+            ptx = self.task.demonstrations("ppo-ptx", it, ppo.batch_size, (prompt, prompt_mask)) \
+                if ppo.ptx_coef > 0 else None
             actor_state, critic_state, update_metrics = update(actor_state, critic_state, traj,
                                                                self._key("ppo-update", it), kl_state.kl_coef, ptx)
             kl_state = update_kl_control(kl_state, metrics["kl"], n_steps=ppo.batch_size, target=ppo.kl_target,
                                          horizon=ppo.kl_horizon)
-            if ppo.ref_refresh_every and (it + 1) % ppo.ref_refresh_every == 0:
+            if refresh and (it + 1) % ppo.ref_refresh_every == 0:
                 ref_params = _copy({k: v for k, v in actor_state.params.items() if k != "value_head"})
             if it % c.log_every == 0 or it == ppo.iterations - 1:
-                row = self.logger.log("ppo", it, {"iteration": it, **metrics, **update_metrics})
+                gold = self.task.gold(traj.prompt, traj.prompt_mask, traj.response, traj.response_mask)
+                row = self.logger.log("ppo", it, {"iteration": it, "gold_reward": float(np.mean(gold)),
+                                                  **metrics, **update_metrics})
                 bar.set_postfix({k: row[k] for k in ("gold_reward", "proxy_reward", "kl")})
+            done = it + 1 == ppo.iterations
+            if (it + 1) % c.checkpoint.every_iterations == 0 or done:
+                self._save("ppo", it + 1, {"actor": actor_state, "critic": critic_state, "kl": kl_state,
+                                           "reference": ref_params if refresh else None}, {"done": done})
         return {k: v for k, v in actor_state.params.items() if k != "value_head"}
 
 
+def _rewind_metrics(run_dir: Path, checkpoint_dir: Path, config: PipelineConfig) -> None:
+    """Cut ``metrics.jsonl`` back to the rows logged up to the newest checkpoint of the stage in progress."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return
+    as_dict = json.loads(json.dumps(dataclasses.asdict(config)))
+    current, resume_step = None, 0
+    for stage in STAGES:
+        directory = checkpoint_dir / stage
+        if not directory.exists():
+            current = current or stage
+            continue
+        ckpt = StageCheckpoints(directory, keep=config.checkpoint.keep, config=as_dict)
+        step = ckpt.latest_step()
+        if step is None or not ckpt.read_meta(step).get("done"):
+            current, resume_step = stage, step or 0
+            break
+    order = {s: i for i, s in enumerate(STAGES)}
+    rows = read_metrics(path)
+
+    def keep(row) -> bool:
+        stage = METRIC_STAGES.get(row.get("stage"), row.get("stage"))
+        if current is None or stage not in order:
+            return True
+        if order[stage] != order[current]:
+            return order[stage] < order[current]
+        return row.get("stage") == current and row.get("step", 0) < resume_step
+
+    kept = [r for r in rows if keep(r)]
+    if len(kept) != len(rows):
+        from jaxppo.logging import _dumps
+
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(_dumps(r) + "\n" for r in kept))
+        tmp.replace(path)
+
+
+def _check_run_config(run_dir: Path, config: PipelineConfig) -> None:
+    """A run directory belongs to one config: refuse to resume it with another (names the fields)."""
+    from jaxppo.checkpoint import config_diff
+
+    path = run_dir / "config.json"
+    if not path.exists():
+        return
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: unreadable ({e}); use a fresh --run-dir") from None
+    diff = config_diff(saved, json.loads(json.dumps(dataclasses.asdict(config))))
+    if diff:
+        raise CheckpointError(f"{path}: this run directory was started with another config; "
+                              f"mismatched fields: {'; '.join(diff)}. Use a fresh --run-dir or the same config.")
+
+
 def run_pipeline(config: PipelineConfig, run_dir: str | Path) -> dict:
-    """Runs SFT → reward model → PPO, writes the run directory, returns ``summary.json``'s content."""
+    """Runs (or resumes) SFT → reward model → PPO; writes the run directory; returns ``summary.json``'s content."""
     start = time.perf_counter()
-    with RunLogger(run_dir, echo=None) as logger:
+    run_dir = Path(run_dir)
+    checkpoint_dir = run_dir / "checkpoints" if config.checkpoint.enabled else None
+    _check_run_config(run_dir, config)
+    if checkpoint_dir is not None and checkpoint_dir.exists():
+        _rewind_metrics(run_dir, checkpoint_dir, config)
+    with RunLogger(run_dir, echo=None, wandb_project=config.wandb_project or None,
+                   wandb_config=dataclasses.asdict(config)) as logger:
         logger.write_json("config.json", dataclasses.asdict(config))
-        pipe = Pipeline(config, logger)
+        pipe = Pipeline(config, logger, checkpoint_dir)
         sft_params = pipe.sft()
         rm_params, rm_result = pipe.reward_model(sft_params)
-        sft_eval = pipe.evaluate(sft_params, rm_params)
+        sft_eval = pipe.evaluate(sft_params, rm_params, samples="samples_sft.json")
         final_params = pipe.ppo(sft_params, rm_params)
-        final_eval = pipe.evaluate(final_params, rm_params, i=1)
+        final_eval = pipe.evaluate(final_params, rm_params, i=1, samples="samples_final.json")
+        for name, result in (("sft", sft_eval), ("final", final_eval)):
+            logger.log("eval", 0 if name == "sft" else config.ppo.iterations, result)
+        gap = config.task.optimal_gold - sft_eval["gold_reward"]
         summary = {
             "sft_gold_reward": sft_eval["gold_reward"],
             "sft_proxy_reward": sft_eval["proxy_reward"],
             "final_gold_reward": final_eval["gold_reward"],
             "final_proxy_reward": final_eval["proxy_reward"],
             "optimal_gold_reward": config.task.optimal_gold,
-            "gap_closed": (final_eval["gold_reward"] - sft_eval["gold_reward"])
-            / max(config.task.optimal_gold - sft_eval["gold_reward"], 1e-9),
+            "gap_closed": (final_eval["gold_reward"] - sft_eval["gold_reward"]) / max(gap, 1e-9),
             "reward_model": rm_result,
-            "wall_seconds": time.perf_counter() - start,
         }
+        if isinstance(pipe.task, TextTask):
+            summary["prompts_truncated"] = pipe.task.num_truncated_prompts
+        if config.export_hf:
+            from jaxppo.weights.hf import save_pretrained
+
+            summary["actor_hf"] = str(save_pretrained(run_dir / "actor_hf", config.model, final_params, pipe.tokenizer))
         logger.plot("ppo", ["gold_reward", "proxy_reward", "kl"], filename="ppo.png",
                     title="PPO: gold vs proxy reward and KL to the reference")
+        summary["wall_seconds"] = time.perf_counter() - start
         logger.write_json("summary.json", summary)
     return summary

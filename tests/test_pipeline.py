@@ -168,3 +168,61 @@ def test_end_to_end_sft_rm_ppo(tmp_path):
     assert all({"gold_reward", "proxy_reward", "kl"} <= set(r) for r in ppo_rows)
     assert (tmp_path / "ppo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert any((tmp_path / "tensorboard").iterdir())
+
+
+def test_non_finite_loss_skips_the_update_counts_it_and_keeps_params():
+    actor, critic, _, traj, _, update = setup()
+    before = jax.tree.map(np.asarray, (actor.params, critic.params))
+    # a NaN advantage in one row poisons every minibatch it lands in; returns inf poison the critic
+    bad = traj.replace(advantages=traj.advantages.at[:, 0].set(jnp.nan), returns=traj.returns.at[:, 0].set(jnp.inf))
+    actor, critic, metrics = update(actor, critic, bad, jax.random.key(9), PPO.kl_coef, None)
+    steps = PPO.epochs * PPO.minibatches
+    assert int(metrics["actor_skipped_updates"]) == steps and int(metrics["critic_skipped_updates"]) == steps
+    jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, (actor.params, critic.params)))
+    # the next finite trajectory trains normally and the count stays
+    actor, critic, metrics = update(actor, critic, traj, jax.random.key(9), PPO.kl_coef, None)
+    assert int(metrics["actor_skipped_updates"]) == steps
+    assert not np.array_equal(before[0]["embed"]["embedding"], np.asarray(actor.params["embed"]["embedding"]))
+
+
+def test_non_finite_sft_and_reward_steps_are_skipped():
+    from jaxppo.reward_model import make_reward_step
+    from jaxppo.sft import make_sft_step
+
+    params = init_params(MODEL, jax.random.key(0))
+    prompts, mask = sample_prompts(TASK, jax.random.key(1), 4)
+    response = jnp.full((4, 3), EOS, jnp.int32)
+    ones = jnp.ones((4, 3), jnp.int32)
+    poisoned = {**params, "final_norm": jax.tree.map(lambda x: x * jnp.nan, params["final_norm"])}
+    state = create_train_state(jax.tree.map(jnp.copy, poisoned), make_optimizer(learning_rate=1e-2))
+    state, metrics = make_sft_step(MODEL)(state, {"prompt": prompts, "prompt_mask": mask, "response": response,
+                                                 "response_mask": ones})
+    assert not np.isfinite(float(metrics["loss"])) and int(metrics["skipped_updates"]) == 1
+    assert int(state.step) == 1  # the step counts, the params do not move
+    np.testing.assert_array_equal(np.asarray(state.params["embed"]["embedding"]),
+                                  np.asarray(params["embed"]["embedding"]))
+    rm_params = {**{k: v for k, v in params.items() if k != "lm_head"},
+                 "reward_head": init_scalar_head(MODEL, jax.random.key(2), "reward_head")}
+    rm_params["reward_head"] = {"kernel": rm_params["reward_head"]["kernel"] * jnp.inf,
+                                "bias": rm_params["reward_head"]["bias"]}
+    state = create_train_state(rm_params, make_optimizer(learning_rate=1e-2))
+    batch = {"prompt": prompts, "prompt_mask": mask, "chosen": response, "chosen_mask": ones,
+             "rejected": response, "rejected_mask": ones, "margin": jnp.zeros(4)}
+    before = np.asarray(state.params["embed"]["embedding"])
+    state, metrics = make_reward_step(MODEL)(state, batch)
+    assert int(metrics["skipped_updates"]) == 1
+    np.testing.assert_array_equal(np.asarray(state.params["embed"]["embedding"]), before)
+
+
+def test_configs_that_cannot_fit_fail_before_any_compute():
+    with pytest.raises(ValueError, match="ppo.minibatches"):
+        PPOConfig(batch_size=64, minibatches=3)
+    with pytest.raises(ValueError, match="ppo.micro_batches"):
+        PPOConfig(batch_size=64, minibatches=4, micro_batches=3)
+    with pytest.raises(ValueError, match="sft.micro_batches"):
+        SFTConfig(batch_size=10, micro_batches=4)
+    long_task = dataclasses.replace(TASK, max_response_tokens=40, demo_max_words=4)
+    with pytest.raises(ValueError, match=r"task.max_response_tokens.*exceed the model's context of 32"):
+        PipelineConfig(model=MODEL, task=long_task, ppo=dataclasses.replace(PPO, max_new_tokens=40))
+    with pytest.raises(ValueError, match="sft.steps"):
+        PipelineConfig(model=MODEL, task=TASK, ppo=PPO, sft=SFTConfig(steps=0))

@@ -21,11 +21,11 @@ DTYPES = ("float32", "bfloat16", "float16")
 class RopeScaling:
     """RoPE frequency scaling: ``linear`` (position interpolation) or Llama 3's ``llama3``."""
 
-    rope_type: str
-    factor: float
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position_embeddings: int = 8192
+    rope_type: str  # "linear" (position interpolation) or "llama3" (Llama 3.1)
+    factor: float  # context extension: frequencies are divided by it (llama3: the low ones only)
+    low_freq_factor: float = 1.0  # llama3: wavelengths > original_max_position_embeddings / this are fully scaled
+    high_freq_factor: float = 4.0  # llama3: wavelengths < original_max_position_embeddings / this are kept
+    original_max_position_embeddings: int = 8192  # llama3: the pre-training context length, in tokens
 
     def __post_init__(self):
         if self.rope_type not in ("linear", "llama3"):
@@ -40,26 +40,26 @@ class ModelConfig:
     and logits are always float32. ``remat`` rematerialises each decoder layer in the backward pass.
     """
 
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float = 1e-5
-    rope_theta: float = 10_000.0
-    rope_scaling: RopeScaling | None = None
-    max_position_embeddings: int = 2048
-    tie_word_embeddings: bool = False
+    vocab_size: int  # tokens in the vocabulary (embedding and LM-head rows)
+    hidden_size: int  # residual stream width
+    intermediate_size: int  # SwiGLU MLP hidden width
+    num_layers: int  # decoder layers
+    num_heads: int  # query heads per layer
+    num_kv_heads: int  # key/value heads (grouped-query attention); must divide num_heads
+    head_dim: int  # width of one attention head; even (RoPE rotates pairs)
+    rms_norm_eps: float = 1e-5  # ε added to the mean square in RMSNorm
+    rope_theta: float = 10_000.0  # RoPE base θ: frequencies θ^(−2i / head_dim)
+    rope_scaling: RopeScaling | None = None  # None: plain RoPE; else its frequency scaling
+    max_position_embeddings: int = 2048  # context length: the longest prompt + response, in tokens
+    tie_word_embeddings: bool = False  # the LM head reuses the embedding matrix
     attention_bias: bool = False  # q/k/v projection biases (Qwen2)
-    architecture: str = "llama"
-    bos_token_id: int | None = None
-    eos_token_id: int | tuple[int, ...] | None = None
-    pad_token_id: int | None = None
-    param_dtype: str = "float32"
-    dtype: str = "float32"
-    remat: bool = False
+    architecture: str = "llama"  # "llama" or "qwen2"
+    bos_token_id: int | None = None  # from config.json, for export; None: not set
+    eos_token_id: int | tuple[int, ...] | None = None  # one id or several, from config.json, for export; None: not set
+    pad_token_id: int | None = None  # from config.json, for export; None: not set
+    param_dtype: str = "float32"  # dtype weights are stored in: float32, bfloat16 or float16
+    dtype: str = "float32"  # matmul compute dtype: float32, bfloat16 or float16 (norms, softmax, logits: float32)
+    remat: bool = False  # recompute each decoder layer in the backward pass: less memory, more compute
 
     def __post_init__(self):
         def need(cond, field, msg):

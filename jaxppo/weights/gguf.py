@@ -257,6 +257,15 @@ def read_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
     return GGUFCheckpoint(config=config, tensors=tensors, tokenizer=tokenizer)
 
 
+def read_gguf_config(path: str | os.PathLike) -> dict:
+    """The `config.json`-style dict of a GGUF file, from its metadata alone (no tensor is read)."""
+    reader, path = _open_reader(path)
+    arch = _field(reader, "general.architecture")
+    if arch not in _HF_CLASSES:
+        raise ValueError(f"{path}: unsupported GGUF architecture {arch!r} (supported: {sorted(_HF_CLASSES)})")
+    return _hf_config(reader, path, arch, {t.name for t in reader.tensors})
+
+
 def _check_shapes(tensors: dict[str, np.ndarray], config: dict, path: pathlib.Path) -> None:
     """Sanity-check the main shapes against the config (catches a wrong dimension order early)."""
     v, d, f = config["vocab_size"], config["hidden_size"], config["intermediate_size"]

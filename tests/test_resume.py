@@ -1,0 +1,146 @@
+"""Checkpoints and resume: kill -9 mid-run, re-run the same command, get the uninterrupted run exactly.
+
+Runs ``configs/tiny.py`` as subprocesses (the way a user runs it), so every run pays JAX start-up
+and compilation; the whole module takes about a minute or two on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxppo.checkpoint import CheckpointError, StageCheckpoints
+from jaxppo.logging import read_metrics
+from jaxppo.optim import create_train_state, make_optimizer
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = str(ROOT / "configs" / "tiny.py")
+
+
+def command(run_dir: Path, *overrides: str) -> list[str]:
+    cmd = [sys.executable, "-m", "experiments.run", "--config", CONFIG, "--run-dir", str(run_dir)]
+    return cmd + (["--set", *overrides] if overrides else [])
+
+
+def run(run_dir: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(command(run_dir, *overrides), cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          check=check)
+
+
+def run_and_kill(run_dir: Path, until, timeout: float = 300) -> None:
+    """Start the run, ``kill -9`` it as soon as ``until(rows)`` holds for its metrics.jsonl rows."""
+    proc = subprocess.Popen(command(run_dir), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            path = run_dir / "metrics.jsonl"
+            if path.exists() and until(read_metrics(path)):
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+                return
+            if proc.poll() is not None:
+                raise AssertionError("the run finished before the kill point")
+            time.sleep(0.05)
+        raise AssertionError("kill point not reached in time")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def stage_rows(rows, stage):
+    return [r for r in rows if r["stage"] == stage]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    run(run_dir)
+    return run_dir
+
+
+def final_params(run_dir: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(run_dir / "actor_hf" / "model.safetensors")
+
+
+def test_kill_9_twice_then_resume_reproduces_the_uninterrupted_run(uninterrupted, tmp_path):
+    run_dir = tmp_path / "killed"
+    # 1st kill: in the reward-model stage, after its first checkpoint (step 50) was written
+    run_and_kill(run_dir, lambda rows: any(r["stage"] == "reward_model" and r["step"] >= 100 for r in rows))
+    assert (run_dir / "checkpoints" / "reward_model").exists()
+    # 2nd kill: mid-PPO (checkpoints every 2 iterations), plus a torn save left behind as by a kill during a save
+    run_and_kill(run_dir, lambda rows: len(stage_rows(rows, "ppo")) >= 3)
+    ppo_dir = run_dir / "checkpoints" / "ppo"
+    torn = ppo_dir / "5.orbax-checkpoint-tmp-1234567890"
+    torn.mkdir(parents=True)
+    (torn / "actor").mkdir()
+    (torn / "actor" / "partial").write_bytes(b"\0" * 10)
+    result = run(run_dir)
+    assert "resumed from" in result.stdout
+
+    expected, got = read_metrics(uninterrupted / "metrics.jsonl"), read_metrics(run_dir / "metrics.jsonl")
+    assert [(r["stage"], r["step"]) for r in got] == [(r["stage"], r["step"]) for r in expected]
+    assert got == expected  # every metric of every row, bit for bit (CPU is deterministic)
+    summary_a = json.loads((uninterrupted / "summary.json").read_text())
+    summary_b = json.loads((run_dir / "summary.json").read_text())
+    summary_a.pop("wall_seconds"), summary_b.pop("wall_seconds"), summary_a.pop("actor_hf"), summary_b.pop("actor_hf")
+    assert summary_a == summary_b
+    params_a, params_b = final_params(uninterrupted), final_params(run_dir)
+    assert params_a.keys() == params_b.keys()
+    for name in params_a:
+        np.testing.assert_array_equal(params_a[name], params_b[name], err_msg=name)
+
+
+def test_finished_run_rerun_is_a_no_op_and_another_config_is_refused(uninterrupted):
+    before = (uninterrupted / "metrics.jsonl").read_text()
+    run(uninterrupted)  # everything done: restores, re-evaluates, rewrites the same summary
+    rows = read_metrics(uninterrupted / "metrics.jsonl")
+    assert [r for r in rows if r["stage"] != "eval"] == [r for r in read_metrics_text(before) if r["stage"] != "eval"]
+    result = run(uninterrupted, "ppo.kl_coef=0.2", check=False)
+    assert result.returncode != 0
+    assert "config.json" in result.stderr and "ppo.kl_coef" in result.stderr
+
+
+def read_metrics_text(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def tiny_state(width: int = 4):
+    params = {"w": jnp.arange(3 * width, dtype=jnp.float32).reshape(3, width), "b": jnp.zeros(width)}
+    return create_train_state(params, make_optimizer(learning_rate=1e-3))
+
+
+def test_mismatched_and_corrupt_checkpoints_raise_one_clear_error(tmp_path):
+    ckpt = StageCheckpoints(tmp_path / "ppo", keep=2, config={"ppo": {"kl_coef": 0.1}})
+    state = tiny_state()
+    ckpt.save(4, {"actor": state}, {"done": False})
+    items, meta = ckpt.restore(4, {"actor": tiny_state()})
+    np.testing.assert_array_equal(items["actor"].params["w"], state.params["w"])
+    assert meta["step"] == 4
+    # a different model shape: names the checkpoint path and the mismatched array
+    with pytest.raises(CheckpointError, match=r"ppo/4/actor.*params/w shape \(3, 4\) in the checkpoint, \(3, 5\) now"):
+        ckpt.restore(4, {"actor": tiny_state(width=5)})
+    # a different config
+    other = StageCheckpoints(tmp_path / "ppo", keep=2, config={"ppo": {"kl_coef": 0.2}})
+    with pytest.raises(CheckpointError, match=r"ppo/4: saved with a different config.*ppo.kl_coef"):
+        other.restore(4, {"actor": tiny_state()})
+    # a missing item
+    with pytest.raises(CheckpointError, match=r"has no item 'critic'"):
+        ckpt.restore(4, {"critic": tiny_state()})
+    # corrupt array data: every file of the stored arrays overwritten with garbage
+    for path in (tmp_path / "ppo" / "4" / "actor").rglob("*"):
+        if path.is_file() and "metadata" not in path.name:
+            path.write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match=r"ppo/4"):
+        ckpt.restore(4, {"actor": tiny_state()})
