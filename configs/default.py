@@ -20,8 +20,10 @@ def get_config(**ppo_overrides) -> PipelineConfig:
     model = ModelConfig(vocab_size=task.vocab_size, hidden_size=64, intermediate_size=128, num_layers=2,
                         num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=64,
                         tie_word_embeddings=True, rope_theta=10_000.0)
-    ppo = dict(iterations=100, batch_size=64, max_new_tokens=task.max_response_tokens, stop_token_ids=(EOS,),
-               pad_token_id=PAD, kl_coef=0.1, learning_rate=3e-4, critic_learning_rate=1e-3, epochs=4,
+    ppo = dict(iterations=400, batch_size=64, max_new_tokens=task.max_response_tokens, stop_token_ids=(EOS,),
+               pad_token_id=PAD, kl_coef=0.1, learning_rate=1e-3, critic_learning_rate=1e-3, epochs=4,
                minibatches=4, vf_coef=0.5, entropy_coef=0.0, critic="separate")
     ppo.update(ppo_overrides)
-    return PipelineConfig(model=model, task=task, sft=SFTConfig(), reward_model=RewardModelConfig(), ppo=PPOConfig(**ppo))
+    # iterated online RLHF: every 25 PPO iterations the reward model learns from labelled samples of the policy
+    reward_model = RewardModelConfig(init="scratch", online_every=25, online_prompts=1024, online_steps=150)
+    return PipelineConfig(model=model, task=task, sft=SFTConfig(), reward_model=reward_model, ppo=PPOConfig(**ppo))

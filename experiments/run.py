@@ -31,8 +31,11 @@ def main(argv=None) -> None:
     print(f"jaxppo: SFT -> reward model -> PPO ({args.config}); writing {run_dir}")
     summary = run_pipeline(config, run_dir)
     print(json.dumps(summary, indent=2))
-    print(f"metrics: {run_dir / 'metrics.jsonl'}   plot: {run_dir / 'ppo.png'}   "
-          f"tensorboard: {run_dir / 'tensorboard'}   summary: {run_dir / 'summary.json'}")
+    print(f"gold reward: SFT {summary['sft_gold_reward']:.3f} -> PPO {summary['final_gold_reward']:.3f} "
+          f"(best possible {summary['optimal_gold_reward']:.3f}; {summary['gap_closed']:.0%} of the gap closed)")
+    print(f"metrics: {run_dir / 'metrics.jsonl'}   plots: {run_dir}/{{ppo,sft,reward_model}}.png   "
+          f"tensorboard: {run_dir / 'tensorboard'}   samples: {run_dir}/samples_{{sft,final}}.json   "
+          f"summary: {run_dir / 'summary.json'}")
 
 
 if __name__ == "__main__":

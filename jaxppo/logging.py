@@ -136,6 +136,13 @@ class RunLogger:
         wandb_project: str | None = None,
         wandb_config: Mapping | None = None,
     ):
+        wandb = None
+        if wandb_project:  # checked first: a missing package must not leave files open
+            try:
+                import wandb
+            except ImportError:
+                raise ValueError("config field `wandb_project` is set but wandb is not installed "
+                                 "(pip install wandb), or set it to \"\"") from None
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / METRICS_FILE
@@ -149,12 +156,7 @@ class RunLogger:
 
             self._tb = SummaryWriter(str(self.run_dir / TENSORBOARD_DIR), flush_secs=10)
         self._wandb = None
-        if wandb_project:
-            try:
-                import wandb
-            except ImportError:
-                raise ValueError("config field `wandb_project` is set but wandb is not installed "
-                                 "(pip install wandb), or set it to \"\"") from None
+        if wandb is not None:
             self._wandb = wandb.init(project=wandb_project, dir=str(self.run_dir), name=self.run_dir.name,
                                      config=_jsonable(dict(wandb_config or {})), resume="allow")
         self._closed = False

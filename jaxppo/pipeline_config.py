@@ -46,13 +46,21 @@ class RewardModelConfig:
     use_margin: bool = False  # Bradley–Terry with the pair's margin (Llama 2)
     drop_ties: bool = True  # pairs whose responses have equal gold reward are not labelled
     normalize: bool = True  # gain/bias so SFT samples score mean 0, std 1
+    init: str = "sft"  # trunk: "sft" (the SFT model's, as InstructGPT) or "scratch" (fresh, same architecture)
+    # Iterated online RLHF (Bai et al. 2022 §4.5): every `online_every` PPO iterations, label fresh samples of
+    # the current policy on `online_prompts` prompts, add them to the data, train `online_steps` more steps.
+    online_every: int = 0  # 0: off (the reward model stays as trained on SFT samples)
+    online_prompts: int = 2048  # prompts (pairs or lists) labelled per refresh
+    online_steps: int = 300  # reward-model steps per refresh, on all the data so far
 
     def __post_init__(self):
         require(self.objective in OBJECTIVES, "reward_model.objective", f"{self.objective!r} not in {OBJECTIVES}")
         require(self.list_size >= 2, "reward_model.list_size", f"must be >= 2, got {self.list_size}")
         require(0 < self.eval_fraction < 1, "reward_model.eval_fraction", "must be in (0, 1)")
-        for name in ("num_prompts", "steps", "batch_size", "micro_batches"):
+        for name in ("num_prompts", "steps", "batch_size", "micro_batches", "online_prompts", "online_steps"):
             require(getattr(self, name) >= 1, f"reward_model.{name}", f"must be >= 1, got {getattr(self, name)}")
+        require(self.init in ("sft", "scratch"), "reward_model.init", f"{self.init!r} not in ('sft', 'scratch')")
+        require(self.online_every >= 0, "reward_model.online_every", f"must be >= 0, got {self.online_every}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +91,7 @@ class PipelineConfig:
     seed: int = 0  # every random draw derives from it by fold_in
     log_every: int = 1  # PPO iterations between metric rows
     eval_batch_size: int = 512  # sampler batch for evaluation and preference data
-    num_samples: int = 8  # responses written to samples_*.jsonl before and after PPO
+    num_samples: int = 8  # responses written to samples_{sft,final}.json before and after PPO
     export_hf: bool = True  # write the final actor as a Hugging Face directory (run_dir/actor_hf)
     wandb_project: str = ""  # also log to Weights & Biases (needs `pip install wandb`); "" = off
 
@@ -98,6 +106,9 @@ class PipelineConfig:
         else:
             require(self.sft.steps == 0 or bool(self.task.demonstrations), "task.demonstrations",
                     "SFT steps > 0 need a demonstrations file")
+            require(not self.reward_model.online_every or not (self.task.preferences or self.task.rankings),
+                    "reward_model.online_every", "online refreshes label policy samples with the task's gold "
+                    "reward; with a preferences/rankings file there is none (set it to 0)")
         require(self.ppo.max_new_tokens == self.task.max_response_tokens, "ppo.max_new_tokens",
                 f"must equal task.max_response_tokens={self.task.max_response_tokens}")
         prompt_len = self.task.max_prompt_tokens if text else self.task.prompt_length

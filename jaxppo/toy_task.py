@@ -12,8 +12,9 @@ The hidden **gold reward** of a response is
 
 so the best achievable gold is ``min(words_per_topic, max_response_tokens − 1)``: every liked word
 once, then EOS. Demonstrations are *mediocre* on average and uneven, like human ones: a few
-words, each liked with a per-demonstration probability drawn from U(0, 2·``demo_liked_prob``),
-liked words never repeated. The reward model only ever sees preference labels drawn from
+words, each liked with a per-demonstration probability q ~ Beta(p·κ, (1 − p)·κ) of mean
+p = ``demo_liked_prob`` (κ = ``demo_quality_concentration``; κ = 1 makes most demonstrations poor
+and a few excellent), liked words never repeated. The reward model only ever sees preference labels drawn from
 the gold reward with Bradley–Terry noise, P(a ≻ b) = σ(β (gold_a − gold_b)). Preference data
 rarely contains repeated liked words, so a learned reward model tends to reward "more liked
 words" without learning the repeat penalty: a policy that optimises it without a KL anchor can
@@ -40,7 +41,8 @@ class ToyTaskConfig:
     neutral_words: int = 8  # words no topic likes
     context_words: int = 2  # random words in a prompt after the topic token
     max_response_tokens: int = 8  # response length cap, EOS included
-    demo_liked_prob: float = 0.3  # demonstrations: mean chance a word is liked, in [0, 0.5] (per demo ~ U(0, 2p))
+    demo_liked_prob: float = 0.3  # demonstrations: mean chance a word is liked, in (0, 1)
+    demo_quality_concentration: float = 1.0  # per-demo chance ~ Beta(p·κ, (1 − p)·κ): small κ, uneven demos
     demo_min_words: int = 2  # demonstrations: fewest words before EOS, >= 1
     demo_max_words: int = 6  # demonstrations: most words before EOS, < max_response_tokens
     preference_beta: float = 2.0  # preference noise: P(a ≻ b) = σ(β (gold_a − gold_b)); larger is less noisy
@@ -52,8 +54,9 @@ class ToyTaskConfig:
                 "one topic needs neutral words (demonstrations draw their unliked words from them)")
         require(1 <= self.demo_min_words <= self.demo_max_words < self.max_response_tokens, "task.demo_max_words",
                 "need 1 <= demo_min_words <= demo_max_words < max_response_tokens")
-        require(0 <= self.demo_liked_prob <= 0.5, "task.demo_liked_prob",
-                f"must be in [0, 0.5] (the mean of U(0, 2p)), got {self.demo_liked_prob}")
+        require(0 < self.demo_liked_prob < 1, "task.demo_liked_prob", f"must be in (0, 1), got {self.demo_liked_prob}")
+        require(self.demo_quality_concentration > 0, "task.demo_quality_concentration",
+                f"must be > 0, got {self.demo_quality_concentration}")
 
     @property
     def first_word(self) -> int:
@@ -118,9 +121,11 @@ def demonstrations(task: ToyTaskConfig, key: Array, prompt: Array, prompt_mask: 
     liked_words = topic[:, None] * task.words_per_topic + perm[:, : length]
     liked_words = jnp.pad(liked_words, ((0, 0), (0, max(0, length - liked_words.shape[1]))), mode="edge")[:, :length]
     k_like, k_quality = jax.random.split(k_like)
-    quality = jax.random.uniform(k_quality, (n, 1), maxval=2 * task.demo_liked_prob)
+    p, kappa = task.demo_liked_prob, task.demo_quality_concentration
+    quality = jax.random.beta(k_quality, p * kappa, (1 - p) * kappa, (n, 1))
     use_liked = jax.random.uniform(k_like, (n, length)) < quality
     liked_rank = jnp.cumsum(use_liked, axis=1) - 1  # the k-th liked word used in the row
+    use_liked &= liked_rank < task.words_per_topic  # a demonstration never repeats a liked word
     liked_choice = jnp.take_along_axis(liked_words, jnp.clip(liked_rank, 0, length - 1), axis=1)
     # other words: anything outside the topic's block (other topics' words and neutral words)
     other = jax.random.randint(k_other, (n, length), 0, task.num_words - task.words_per_topic)

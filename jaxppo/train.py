@@ -20,6 +20,7 @@ import functools
 import json
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,8 +43,17 @@ from jaxppo.tasks import TextTask, TextTaskConfig, ToyTask
 STAGES = ("sft", "reward_model", "ppo")
 # metrics.jsonl stage → pipeline stage that writes it
 METRIC_STAGES = {"sft": "sft", "reward_model": "reward_model", "reward_model_eval": "reward_model",
-                 "ppo": "ppo", "eval": "ppo"}
+                 "ppo": "ppo", "reward_model_online": "ppo", "eval": "ppo"}
 STEP_LOG_EVERY = 50  # SFT / reward-model steps between metric rows
+
+
+class RewardModel(NamedTuple):
+    """What the reward-model stage hands to PPO."""
+
+    params: dict  # normalised (scores of SFT samples: mean 0, std 1): the frozen reward role
+    state: object  # the train state (unnormalised params, optimizer): online refreshes continue it
+    train: dict  # the preference pairs / lists it trained on (grown by online refreshes)
+    result: dict  # held-out evaluation
 
 
 def _copy(tree):
@@ -61,6 +71,13 @@ def _batch_rows(n: int, batch_size: int, key: jax.Array, step: int) -> np.ndarra
     epoch, i = divmod(step, per_epoch)
     order = np.asarray(jax.random.permutation(jax.random.fold_in(key, epoch), n))
     return order[i * batch_size:(i + 1) * batch_size]
+
+
+def _usable(data: dict) -> dict:
+    """Labelled preference data without the tied pairs that ``_label`` moved to the end."""
+    data = dict(data)
+    n = int(data.pop("num_pairs", data["prompt"].shape[0]))
+    return {k: v[:n] for k, v in data.items()}
 
 
 def _load_model(config: PipelineConfig):
@@ -211,28 +228,34 @@ class Pipeline:
         from_file = self.task.preference_file()
         if from_file is not None:
             return dict(from_file)
-        k = 2 if rm.objective == "bradley_terry" else rm.list_size
-        prompt, prompt_mask = self.task.prompts("rm", 0, rm.num_prompts)
         ckpt = self.checkpoints.get("preference_data")
         if ckpt is not None and ckpt.latest_step() is not None:  # sampling is the expensive part: saved once
             data, _ = ckpt.restore(ckpt.latest_step(), {"data": ...})
             return {k: jnp.asarray(v) for k, v in data["data"].items()}
-        responses, masks, golds = [], [], []
-        for j in range(k):
-            response, mask = self.sample(sft_params, prompt, prompt_mask, self._key("rm-samples", j))
-            responses.append(response)
-            masks.append(mask)
-            golds.append(jnp.asarray(self.task.gold(prompt, prompt_mask, response, mask), jnp.float32))
-        data = self._label(prompt, prompt_mask, responses, masks, golds)
+        prompt, prompt_mask = self.task.prompts("rm", 0, rm.num_prompts)
+        data = self.labelled_samples(sft_params, prompt, prompt_mask, "rm", 0)
         if ckpt is not None:
             ckpt.save(0, {"data": data}, {"done": True})
         return data
 
-    def _label(self, prompt, prompt_mask, responses, masks, golds) -> dict:
+    def labelled_samples(self, params: dict, prompt, prompt_mask, stream: str, step: int) -> dict:
+        """K responses per prompt sampled from the policy ``params``, labelled by the hidden gold reward
+        with noise (pairs, or rankings for Plackett–Luce)."""
+        rm = self.config.reward_model
+        k = 2 if rm.objective == "bradley_terry" else rm.list_size
+        responses, masks, golds = [], [], []
+        for j in range(k):
+            response, mask = self.sample(params, prompt, prompt_mask, self._key(f"{stream}-samples", step * k + j))
+            responses.append(response)
+            masks.append(mask)
+            golds.append(jnp.asarray(self.task.gold(prompt, prompt_mask, response, mask), jnp.float32))
+        return self._label(prompt, prompt_mask, responses, masks, golds, self._key(f"{stream}-labels", step))
+
+    def _label(self, prompt, prompt_mask, responses, masks, golds, key) -> dict:
         """Pairs (Bradley–Terry-noisy gold labels) or Plackett–Luce-drawn rankings of sampled responses."""
         rm = self.config.reward_model
         if len(responses) == 2:
-            a_wins = jnp.asarray(self.task.preference_labels(self._key("rm-labels"), golds[0], golds[1]))
+            a_wins = jnp.asarray(self.task.preference_labels(key, golds[0], golds[1]))
             pick = lambda a, b: jnp.where(a_wins[:, None], a, b)  # noqa: E731
             pairs = {"prompt": prompt, "prompt_mask": prompt_mask,
                      "chosen": pick(responses[0], responses[1]), "chosen_mask": pick(masks[0], masks[1]),
@@ -249,65 +272,129 @@ class Pipeline:
         # Rankings: a Plackett–Luce draw with utilities β·gold (Gumbel-perturbed sort), best first.
         gold = jnp.stack(golds, axis=1)
         beta = getattr(self.task.config, "preference_beta", 1.0)
-        noise = jax.random.gumbel(self._key("rm-labels"), gold.shape)
+        noise = jax.random.gumbel(key, gold.shape)
         order = jnp.argsort(-(beta * gold + noise), axis=1)
         take = lambda x: jnp.take_along_axis(x, order[:, :, None], axis=1)  # noqa: E731
         return {"prompt": prompt, "prompt_mask": prompt_mask, "responses": take(jnp.stack(responses, 1)),
                 "response_mask": take(jnp.stack(masks, 1)), "gold": jnp.take_along_axis(gold, order, axis=1)}
 
-    def reward_model(self, sft_params: dict) -> tuple[dict, dict]:
-        c, rm = self.config, self.config.reward_model
-        # Train states are donated by their steps: the reward model gets its own copy of the buffers.
-        params = {k: v for k, v in _copy(sft_params).items() if k != "lm_head"}
-        params["reward_head"] = init_scalar_head(c.model, self._key("rm-head"), "reward_head")
-        state = create_train_state(params, make_optimizer(learning_rate=rm.learning_rate, warmup_steps=rm.warmup_steps))
-        if self._is_done("reward_model"):
-            _, done, meta = self._fit("reward_model", state, None, None, rm.steps, {"output": params})
-            return done["output"], meta["result"]
-        data = self.preference_data(sft_params)
-        n = int(data.pop("num_pairs", data["prompt"].shape[0]))
-        data = {k: v[:n] for k, v in data.items()}
+    def _split_preferences(self, data: dict) -> tuple[dict, dict, dict]:
+        """``(train, held_out, gold labels of held_out)`` of labelled preference data (ties already cut)."""
+        rm = self.config.reward_model
+        data = _usable(data)
+        n = data["prompt"].shape[0]
         n_eval = max(rm.batch_size, int(n * rm.eval_fraction))
         if n - n_eval < rm.batch_size:
             raise ValueError(f"config field `reward_model.num_prompts`: only {n} usable preference pairs/lists; "
                              f"need > {n_eval + rm.batch_size} for a held-out set and one batch")
-        labels = {k: data.pop(k) for k in ("gold", "gold_diff") if k in data}
-        train = {k: v[n_eval:] for k, v in data.items()}
-        held_out = {k: v[:n_eval] for k, v in data.items()}
-        step = make_reward_step(c.model, objective=rm.objective, use_margin=rm.use_margin, micro_batches=rm.micro_batches)
-        batches = self._key("rm-batches")
-        state, _, _ = self._fit("reward_model", state, step,
-                                lambda i: _rows(train, _batch_rows(n - n_eval, rm.batch_size, batches, i)), rm.steps)
-        evaluate = make_reward_eval(c.model, objective=rm.objective, use_margin=rm.use_margin)
-        eval_metrics = evaluate(state.params, held_out)
-        result = {"eval_accuracy": float(eval_metrics["accuracy"]), "eval_loss": float(eval_metrics["loss"]),
-                  "num_train": n - n_eval, "num_eval": n_eval}
-        # gold_accuracy: agreement with the hidden gold order on the held-out pairs it strictly orders
+        labels = {k: data.pop(k)[:n_eval] for k in ("gold", "gold_diff") if k in data}
+        return {k: v[n_eval:] for k, v in data.items()}, {k: v[:n_eval] for k, v in data.items()}, labels
+
+    def _gold_accuracy(self, params: dict, data: dict, labels: dict) -> dict:
+        """Agreement of the reward model with the hidden gold order on the pairs it strictly orders."""
         if "gold_diff" in labels:
-            chosen, rejected = jax.jit(functools.partial(pair_scores, c.model))(state.params, held_out)
-            diff = np.asarray(labels["gold_diff"][:n_eval])
+            chosen, rejected = self._pair_scores(params, data)
+            diff = np.asarray(labels["gold_diff"])
             agree = np.sign(np.asarray(chosen - rejected)) == np.sign(diff)
-            result["gold_accuracy"] = float(agree[diff != 0].mean())
-        elif "gold" in labels:  # every pair (i, j) of a list whose gold rewards differ, against the gold order
-            scores = np.asarray(jax.jit(functools.partial(list_scores, c.model))(state.params, held_out))
-            gold = np.asarray(labels["gold"][:n_eval])
+            return {"gold_accuracy": float(agree[diff != 0].mean())}
+        if "gold" in labels:  # every pair (i, j) of a list whose gold rewards differ, against the gold order
+            scores = np.asarray(self._list_scores(params, data))
+            gold = np.asarray(labels["gold"])
             i, j = np.triu_indices(scores.shape[1], 1)
             strict = gold[:, i] != gold[:, j]
             agree = np.sign(scores[:, i] - scores[:, j]) == np.sign(gold[:, i] - gold[:, j])
-            result["gold_accuracy"] = float(agree[strict].mean())
-        params = state.params
-        if rm.normalize:
+            return {"gold_accuracy": float(agree[strict].mean())}
+        return {}
+
+    @functools.cached_property
+    def _pair_scores(self):
+        return jax.jit(functools.partial(pair_scores, self.config.model))
+
+    @functools.cached_property
+    def _list_scores(self):
+        return jax.jit(functools.partial(list_scores, self.config.model))
+
+    @functools.cached_property
+    def _reward_step(self):
+        rm = self.config.reward_model
+        return make_reward_step(self.config.model, objective=rm.objective, use_margin=rm.use_margin,
+                                micro_batches=rm.micro_batches)
+
+    @functools.cached_property
+    def _reward_eval(self):
+        rm = self.config.reward_model
+        return make_reward_eval(self.config.model, objective=rm.objective, use_margin=rm.use_margin)
+
+    def _normalized(self, state_params: dict, sft_params: dict) -> dict:
+        """Frozen reward params (own buffers) whose scores of SFT samples have mean 0 and std 1."""
+        params = _copy(state_params)
+        if not self.config.reward_model.normalize:
+            return params
+        if not hasattr(self, "_norm_samples"):  # the same SFT samples for every normalisation of the run
             prompt, prompt_mask = self.task.eval_prompts()
-            response, mask = self.sample(sft_params, prompt, prompt_mask, self._key("rm-norm"))
-            params = normalize_reward_head(params, self.score(params, prompt, prompt_mask, response, mask))
+            self._norm_samples = (prompt, prompt_mask, *self.sample(sft_params, prompt, prompt_mask,
+                                                                    self._key("rm-norm")))
+        return normalize_reward_head(params, self.score(params, *self._norm_samples))
+
+    def reward_model(self, sft_params: dict) -> RewardModel:
+        c, rm = self.config, self.config.reward_model
+        if rm.init == "sft":  # the InstructGPT recipe: the SFT model's trunk
+            params = {k: v for k, v in _copy(sft_params).items() if k != "lm_head"}
+        else:  # "scratch": a freshly initialised trunk of the same architecture
+            params = {k: v for k, v in init_params(c.model, self._key("rm-init")).items() if k != "lm_head"}
+        params["reward_head"] = init_scalar_head(c.model, self._key("rm-head"), "reward_head")
+        state = create_train_state(params, make_optimizer(learning_rate=rm.learning_rate, warmup_steps=rm.warmup_steps))
+        if self._is_done("reward_model"):
+            state, done, meta = self._fit("reward_model", state, None, None, rm.steps, {"output": params})
+            train, _, _ = self._split_preferences(self.preference_data(sft_params))
+            return RewardModel(done["output"], state, train, meta["result"])
+        train, held_out, labels = self._split_preferences(self.preference_data(sft_params))
+        n_train = train["prompt"].shape[0]
+        batches = self._key("rm-batches")
+        state, _, _ = self._fit("reward_model", state, self._reward_step,
+                                lambda i: _rows(train, _batch_rows(n_train, rm.batch_size, batches, i)), rm.steps)
+        eval_metrics = self._reward_eval(state.params, held_out)
+        result = {"eval_accuracy": float(eval_metrics["accuracy"]), "eval_loss": float(eval_metrics["loss"]),
+                  "num_train": n_train, "num_eval": held_out["prompt"].shape[0],
+                  **self._gold_accuracy(state.params, held_out, labels)}
+        params = self._normalized(state.params, sft_params)
         self.logger.log("reward_model_eval", rm.steps, result)
         self._save("reward_model", rm.steps, {"state": state, "output": params}, {"done": True, "result": result})
-        return params, result
+        return RewardModel(params, state, train, result)
+
+    def refresh_reward_model(self, it: int, policy_params: dict, sft_params: dict, reward: RewardModel) -> RewardModel:
+        """Iterated online RLHF (Bai et al. 2022, §4.5): label fresh samples of the current policy,
+        add them to the preference data, train the reward model further on all of it, re-normalise.
+
+        Logs how well the reward model ranked the new samples *before* training on them
+        (``pre_accuracy`` against the labels, ``pre_gold_accuracy`` against the gold order): its
+        accuracy off the data it was trained on, where the policy now samples.
+        """
+        rm = self.config.reward_model
+        prompt, prompt_mask = self.task.prompts("rm-online", it, rm.online_prompts)
+        new = _usable(self.labelled_samples(policy_params, prompt, prompt_mask, "rm-online", it))
+        labels = {k: new.pop(k) for k in ("gold", "gold_diff") if k in new}
+        state = reward.state
+        before = self._reward_eval(state.params, new)
+        metrics = {"pre_accuracy": float(before["accuracy"]), "pre_loss": float(before["loss"]),
+                   **{f"pre_{k}": v for k, v in self._gold_accuracy(state.params, new, labels).items()},
+                   "new_pairs": new["prompt"].shape[0]}
+        train = {k: jnp.concatenate([reward.train[k], new[k]]) for k in reward.train}
+        n = train["prompt"].shape[0]
+        batches = self._key("rm-online-batches", it)
+        for i in range(rm.online_steps):
+            state, step_metrics = self._reward_step(state, _rows(train, _batch_rows(n, rm.batch_size, batches, i)))
+        metrics.update(num_train=n, loss=float(step_metrics["loss"]), accuracy=float(step_metrics["accuracy"]))
+        self.logger.log("reward_model_online", it, metrics)
+        return RewardModel(self._normalized(state.params, sft_params), state, train, reward.result)
 
     # --------------------------------------------------------------------------------------- PPO
 
-    def ppo(self, sft_params: dict, rm_params: dict) -> dict:
+    def ppo(self, sft_params: dict, reward: RewardModel) -> tuple[dict, RewardModel]:
+        """PPO against the reward model; returns the final actor params and the (refreshed) reward model."""
         c, ppo = self.config, self.config.ppo
+        online = c.reward_model.online_every
+        rm_params = reward.params
         shared = ppo.critic == "shared"
         actor_params = _copy(sft_params)  # states are donated: own buffers for each trained role
         critic_state = None
@@ -327,18 +414,25 @@ class Pipeline:
         ref_params = sft_params  # frozen, never donated
         kl_state = init_kl_control(kl_coef=ppo.kl_coef)
         refresh = ppo.ref_refresh_every > 0
-        start, items, meta = self._resume("ppo", {"actor": actor_state, "critic": critic_state, "kl": kl_state,
-                                                  "reference": _copy(ref_params) if refresh else None})
+        start, items, meta = self._resume("ppo", {
+            "actor": actor_state, "critic": critic_state, "kl": kl_state,
+            "reference": _copy(ref_params) if refresh else None,
+            **({"rm_state": reward.state, "rm_params": reward.params, "rm_data": ...} if online else {})})
         if items is not None:
             actor_state, critic_state, kl_state = items["actor"], items.get("critic"), items["kl"]
             ref_params = items.get("reference", ref_params)
+            if online:
+                data = {k: jnp.asarray(v) for k, v in items["rm_data"].items()}
+                reward = RewardModel(items["rm_params"], items["rm_state"], data, reward.result)
         rollout = make_rollout(c.model, ppo)
         update = make_update(c.model, ppo)
         bar = self.logger.progress(range(start, ppo.iterations), desc="PPO")
         for it in bar:
+            if online and it > 0 and it % online == 0:
+                reward = self.refresh_reward_model(it, actor_state.params, sft_params, reward)
             prompt, prompt_mask = self.task.prompts("ppo", it, ppo.batch_size)
             traj, metrics = rollout(actor_state.params, None if shared else critic_state.params, ref_params,
-                                    rm_params, prompt, prompt_mask, self._key("ppo-sample", it), kl_state.kl_coef)
+                                    reward.params, prompt, prompt_mask, self._key("ppo-sample", it), kl_state.kl_coef)
             ptx = self.task.demonstrations("ppo-ptx", it, ppo.batch_size, (prompt, prompt_mask)) \
                 if ppo.ptx_coef > 0 else None
             actor_state, critic_state, update_metrics = update(actor_state, critic_state, traj,
@@ -354,9 +448,12 @@ class Pipeline:
                 bar.set_postfix({k: row[k] for k in ("gold_reward", "proxy_reward", "kl")})
             done = it + 1 == ppo.iterations
             if (it + 1) % c.checkpoint.every_iterations == 0 or done:
-                self._save("ppo", it + 1, {"actor": actor_state, "critic": critic_state, "kl": kl_state,
-                                           "reference": ref_params if refresh else None}, {"done": done})
-        return {k: v for k, v in actor_state.params.items() if k != "value_head"}
+                self._save("ppo", it + 1, {
+                    "actor": actor_state, "critic": critic_state, "kl": kl_state,
+                    "reference": ref_params if refresh else None,
+                    **({"rm_state": reward.state, "rm_params": reward.params, "rm_data": reward.train}
+                       if online else {})}, {"done": done})
+        return {k: v for k, v in actor_state.params.items() if k != "value_head"}, reward
 
 
 def _rewind_metrics(run_dir: Path, checkpoint_dir: Path, config: PipelineConfig) -> None:
@@ -380,12 +477,14 @@ def _rewind_metrics(run_dir: Path, checkpoint_dir: Path, config: PipelineConfig)
     rows = read_metrics(path)
 
     def keep(row) -> bool:
+        if row.get("stage") == "eval":  # written after PPO by every run, the resumed one too
+            return False
         stage = METRIC_STAGES.get(row.get("stage"), row.get("stage"))
         if current is None or stage not in order:
             return True
         if order[stage] != order[current]:
             return order[stage] < order[current]
-        return row.get("stage") == current and row.get("step", 0) < resume_step
+        return row.get("step", 0) < resume_step
 
     kept = [r for r in rows if keep(r)]
     if len(kept) != len(rows):
@@ -426,10 +525,11 @@ def run_pipeline(config: PipelineConfig, run_dir: str | Path) -> dict:
         logger.write_json("config.json", dataclasses.asdict(config))
         pipe = Pipeline(config, logger, checkpoint_dir)
         sft_params = pipe.sft()
-        rm_params, rm_result = pipe.reward_model(sft_params)
-        sft_eval = pipe.evaluate(sft_params, rm_params, samples="samples_sft.json")
-        final_params = pipe.ppo(sft_params, rm_params)
-        final_eval = pipe.evaluate(final_params, rm_params, i=1, samples="samples_final.json")
+        reward = pipe.reward_model(sft_params)
+        sft_eval = pipe.evaluate(sft_params, reward.params, samples="samples_sft.json")
+        final_params, final_reward = pipe.ppo(sft_params, reward)
+        # proxy: the final reward model (every version is normalised on the same SFT samples)
+        final_eval = pipe.evaluate(final_params, final_reward.params, i=1, samples="samples_final.json")
         for name, result in (("sft", sft_eval), ("final", final_eval)):
             logger.log("eval", 0 if name == "sft" else config.ppo.iterations, result)
         gap = config.task.optimal_gold - sft_eval["gold_reward"]
@@ -440,7 +540,7 @@ def run_pipeline(config: PipelineConfig, run_dir: str | Path) -> dict:
             "final_proxy_reward": final_eval["proxy_reward"],
             "optimal_gold_reward": config.task.optimal_gold,
             "gap_closed": (final_eval["gold_reward"] - sft_eval["gold_reward"]) / max(gap, 1e-9),
-            "reward_model": rm_result,
+            "reward_model": reward.result,
         }
         if isinstance(pipe.task, TextTask):
             summary["prompts_truncated"] = pipe.task.num_truncated_prompts
@@ -450,6 +550,10 @@ def run_pipeline(config: PipelineConfig, run_dir: str | Path) -> dict:
             summary["actor_hf"] = str(save_pretrained(run_dir / "actor_hf", config.model, final_params, pipe.tokenizer))
         logger.plot("ppo", ["gold_reward", "proxy_reward", "kl"], filename="ppo.png",
                     title="PPO: gold vs proxy reward and KL to the reference")
+        if config.sft.steps:
+            logger.plot("sft", ["loss"], filename="sft.png", title="SFT: NLL of demonstration tokens")
+        logger.plot("reward_model", ["loss", "accuracy"], filename="reward_model.png",
+                    title="Reward model: training loss and pairwise accuracy")
         summary["wall_seconds"] = time.perf_counter() - start
         logger.write_json("summary.json", summary)
     return summary

@@ -45,7 +45,7 @@ def test_nested_overrides_equal_replace_by_hand_and_keep_loaded_values(pipeline)
         model=dataclasses.replace(pipeline.model, dtype="bfloat16"),
         sft=dataclasses.replace(pipeline.sft, learning_rate=1e-4))
     assert out == expected and type(out) is type(pipeline)
-    assert out.ppo.learning_rate == 3e-4 and out.ppo.critic_learning_rate == 1e-3  # loaded, not class defaults
+    assert out.ppo.learning_rate == 1e-3 and out.ppo.iterations == 400  # loaded, not class defaults
     assert out.model.hidden_size == 64 and out.task == pipeline.task
     with pytest.raises(dataclasses.FrozenInstanceError):
         out.seed = 1  # type: ignore[misc]
@@ -116,7 +116,8 @@ def test_bad_values_name_the_field_and_type(pipeline, assignment, expected):
     ("ppo.kl_coef=-1", "config field `ppo.kl_coef`: must be >= 0, got -1.0"),
     ("ppo.minibatches=3", "config field `ppo.minibatches`: batch_size=64 must be divisible by minibatches=3"),
     ("model.head_dim=15", "ModelConfig field `head_dim`: must be even for RoPE, got 15"),
-    ("task.demo_liked_prob=0.9", "config field `task.demo_liked_prob`: must be in [0, 0.5] (the mean of U(0, 2p)), got 0.9"),
+    ("task.demo_liked_prob=1.5", "config field `task.demo_liked_prob`: must be in (0, 1), got 1.5"),
+    ("reward_model.init=pretrained", "config field `reward_model.init`: 'pretrained' not in ('sft', 'scratch')"),
 ])
 def test_out_of_range_values_raise_the_configs_own_error_verbatim(pipeline, assignment, message):
     with pytest.raises(ValueError) as info:

@@ -230,3 +230,41 @@ def test_progress(tmp_path):
             bar.update()
         bar.close()
         assert bar.n == 3
+
+
+def test_wandb_rows_mirror_metrics_jsonl(tmp_path, monkeypatch):
+    """With ``wandb_project`` set, every row also goes to W&B (a recording stand-in for the package)."""
+    import sys
+    import types
+
+    calls = []
+    fake = types.ModuleType("wandb")
+
+    class Run:
+        def log(self, data):
+            calls.append(("log", data))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    def init(**kwargs):
+        calls.append(("init", kwargs))
+        return Run()
+
+    fake.init = init
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    with RunLogger(tmp_path, echo=None, tensorboard=False, wandb_project="proj",
+                   wandb_config={"ppo": {"kl_coef": 0.1}}) as run:
+        run.log("ppo", 3, {"kl": 0.5, "gold_reward": 1.0})
+    assert calls[0][0] == "init" and calls[0][1]["project"] == "proj"
+    assert calls[0][1]["config"] == {"ppo": {"kl_coef": 0.1}}
+    assert calls[1] == ("log", {"ppo/kl": 0.5, "ppo/gold_reward": 1.0, "ppo/step": 3})
+    assert calls[-1] == ("finish",)
+
+
+def test_wandb_missing_is_one_clear_error(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
+    with pytest.raises(ValueError, match="wandb_project.*pip install wandb"):
+        RunLogger(tmp_path, echo=None, tensorboard=False, wandb_project="proj")

@@ -153,9 +153,35 @@ def test_reward_models_reach_90_percent_pairwise_accuracy(tmp_path, objective):
     config = dataclasses.replace(config, task=dataclasses.replace(TASK, preference_beta=20.0))  # near-noiseless labels
     with RunLogger(tmp_path, echo=None) as logger:
         pipe = Pipeline(config, logger)
-        _, result = pipe.reward_model(pipe.sft())
+        result = pipe.reward_model(pipe.sft()).result
     # pairwise accuracy on the held-out preferences that the (near-noiseless) labels strictly order
     assert result["gold_accuracy"] > 0.9, result
+
+
+def test_online_refresh_labels_policy_samples_and_retrains_the_reward_model(tmp_path):
+    config = tiny_config(num_prompts=512, steps=50, online_every=2, online_prompts=128, online_steps=10)
+    config = dataclasses.replace(config, ppo=dataclasses.replace(config.ppo, iterations=5))
+    with RunLogger(tmp_path, echo=None) as logger:
+        pipe = Pipeline(config, logger)
+        sft = pipe.sft()
+        reward = pipe.reward_model(sft)
+        first = jax.tree.map(np.asarray, reward.params)
+        n_first = reward.train["prompt"].shape[0]
+        _, final = pipe.ppo(sft, reward)
+    online = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["stage"] == "reward_model_online"]
+    assert [r["step"] for r in online] == [2, 4]  # before the rollouts of iterations 2 and 4
+    assert all({"pre_accuracy", "pre_gold_accuracy", "pre_loss", "loss"} <= set(r) for r in online)
+    # every refresh adds its usable (untied) pairs to the data the reward model trains on
+    assert online[0]["num_train"] == n_first + online[0]["new_pairs"]
+    assert online[1]["num_train"] == online[0]["num_train"] + online[1]["new_pairs"]
+    assert final.train["prompt"].shape[0] == online[1]["num_train"]
+    assert 0 < online[0]["new_pairs"] <= 128
+    # the reward model moved, and is re-normalised on the same SFT samples: mean 0, std 1
+    assert not np.allclose(first["layers"]["attn"]["q_proj"]["kernel"],
+                           np.asarray(final.params["layers"]["attn"]["q_proj"]["kernel"]))
+    scores = np.asarray(pipe.score(final.params, *pipe._norm_samples))
+    np.testing.assert_allclose([scores.mean(), scores.std()], [0.0, 1.0], atol=1e-4)
+    assert pipe._reward_step._cache_size() == 1  # the stage and both refreshes share one trace
 
 
 def test_end_to_end_sft_rm_ppo(tmp_path):
@@ -166,8 +192,23 @@ def test_end_to_end_sft_rm_ppo(tmp_path):
     ppo_rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["stage"] == "ppo"]
     assert [r["iteration"] for r in ppo_rows] == [0, 1, 2, 3]
     assert all({"gold_reward", "proxy_reward", "kl"} <= set(r) for r in ppo_rows)
-    assert (tmp_path / "ppo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for png in ("ppo.png", "sft.png", "reward_model.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert any((tmp_path / "tensorboard").iterdir())
+    # the final actor is exported as a Hugging Face directory that transformers loads, with equal logits
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from jaxppo.models.heads import causal_lm_logits
+    from jaxppo.weights.hf import load_pretrained
+
+    config, params, _ = load_pretrained(tmp_path / "actor_hf")
+    tokens = np.asarray(sample_prompts(TASK, jax.random.key(5), 4)[0])
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "actor_hf", dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = hf(input_ids=torch.tensor(tokens)).logits.numpy()
+    got = np.asarray(causal_lm_logits(config, params, jnp.asarray(tokens), jnp.ones_like(jnp.asarray(tokens))))
+    np.testing.assert_allclose(got, expected, atol=1e-4)
 
 
 def test_non_finite_loss_skips_the_update_counts_it_and_keeps_params():

@@ -79,10 +79,12 @@ def test_kill_9_twice_then_resume_reproduces_the_uninterrupted_run(uninterrupted
     # 1st kill: in the reward-model stage, after its first checkpoint (step 50) was written
     run_and_kill(run_dir, lambda rows: any(r["stage"] == "reward_model" and r["step"] >= 100 for r in rows))
     assert (run_dir / "checkpoints" / "reward_model").exists()
-    # 2nd kill: mid-PPO (checkpoints every 2 iterations), plus a torn save left behind as by a kill during a save
-    run_and_kill(run_dir, lambda rows: len(stage_rows(rows, "ppo")) >= 3)
+    # 2nd kill: mid-PPO (checkpoints every 2 iterations; the one at 4 holds the reward model refreshed
+    # online at iteration 2), plus a torn save left behind as by a kill during a save
+    run_and_kill(run_dir, lambda rows: len(stage_rows(rows, "ppo")) >= 5)
     ppo_dir = run_dir / "checkpoints" / "ppo"
-    torn = ppo_dir / "5.orbax-checkpoint-tmp-1234567890"
+    assert max(int(p.name) for p in ppo_dir.iterdir() if p.name.isdigit()) >= 4
+    torn = ppo_dir / "6.orbax-checkpoint-tmp-1234567890"
     torn.mkdir(parents=True)
     (torn / "actor").mkdir()
     (torn / "actor" / "partial").write_bytes(b"\0" * 10)
