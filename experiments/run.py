@@ -24,12 +24,23 @@ def main(argv=None) -> None:
         return
     if not isinstance(config, PipelineConfig):
         raise SystemExit(f"{args.config}: get_config() returned {type(config).__name__}, which experiments.run cannot run")
+    import jax
+
+    from jaxppo.sharding import initialize_distributed
     from jaxppo.train import run_pipeline  # heavy imports only for the pipeline
 
+    initialize_distributed(args.coordinator, args.num_processes, args.process_id)  # before any computation
+    if jax.process_count() > 1 and not args.run_dir:
+        raise SystemExit("a multi-process run needs --run-dir: every process must write to the same directory")
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = Path(args.run_dir or f"runs/{Path(args.config).stem}-{stamp}")
-    print(f"jaxppo: SFT -> reward model -> PPO ({args.config}); writing {run_dir}")
+    main_process = jax.process_index() == 0
+    if main_process:
+        print(f"jaxppo: SFT -> reward model -> PPO ({args.config}) on {jax.process_count()} process(es), "
+              f"{jax.device_count()} device(s); writing {run_dir}")
     summary = run_pipeline(config, run_dir)
+    if not main_process:
+        return
     print(json.dumps(summary, indent=2))
     print(f"gold reward: SFT {summary['sft_gold_reward']:.3f} -> PPO {summary['final_gold_reward']:.3f} "
           f"(best possible {summary['optimal_gold_reward']:.3f}; {summary['gap_closed']:.0%} of the gap closed)")

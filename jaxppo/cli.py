@@ -388,6 +388,11 @@ def parse_args(argv: Sequence[str] | None = None, *, prog: str = "python -m expe
     parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                         help="override config fields, e.g. --set ppo.kl_coef=0.1 model.dtype=bfloat16")
     parser.add_argument("--run-dir", default=None, help="output directory (default: a fresh folder under runs/)")
+    group = parser.add_argument_group("multi-process runs (jax.distributed; default: $JAX_COORDINATOR_ADDRESS, "
+                                      "$JAX_NUM_PROCESSES, $JAX_PROCESS_ID; JAXPPO_DISTRIBUTED=auto on TPU pods)")
+    group.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="address of process 0")
+    group.add_argument("--num-processes", type=int, default=None, help="number of processes")
+    group.add_argument("--process-id", type=int, default=None, help="this process's index, 0 .. N-1")
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config)

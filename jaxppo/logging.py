@@ -277,6 +277,34 @@ class RunLogger:
         return f"RunLogger({str(self.run_dir)!r})"
 
 
+class NullLogger:
+    """:class:`RunLogger`'s interface writing nothing: what every process but process 0 logs with in
+    a multi-process run (the metrics are the same on every process; one copy is written)."""
+
+    def log(self, stage: str, step: int, metrics: Mapping[str, Any]) -> dict[str, float]:
+        return {key: _to_float(key, value) for key, value in metrics.items()}
+
+    def progress(self, iterable_or_total: Iterable | int, *, desc: str) -> tqdm:
+        if isinstance(iterable_or_total, numbers.Integral):
+            return tqdm(total=int(iterable_or_total), desc=desc, disable=True)
+        return tqdm(iterable_or_total, desc=desc, disable=True)
+
+    def write_json(self, name: str, data: Mapping) -> None:
+        return None
+
+    def plot(self, *args, **kwargs) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+    def __enter__(self) -> NullLogger:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
 def _atomic_write(path: Path, write: Callable[[Any], Any]) -> None:
     """Call ``write(binary_file)`` on a temp file next to ``path``, then ``os.replace`` it there."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ from jaxppo.config import require
 from jaxppo.models.config import ModelConfig
 from jaxppo.ppo_config import PPOConfig
 from jaxppo.reward_model import OBJECTIVES
+from jaxppo.sharding import MeshConfig
 from jaxppo.tasks import TextTaskConfig
 from jaxppo.toy_task import ToyTaskConfig
 
@@ -47,6 +48,8 @@ class RewardModelConfig:
     drop_ties: bool = True  # pairs whose responses have equal gold reward are not labelled
     normalize: bool = True  # gain/bias so SFT samples score mean 0, std 1
     init: str = "sft"  # trunk: "sft" (the SFT model's, as InstructGPT) or "scratch" (fresh, same architecture)
+    train_trunk: bool = True  # False: only the scalar head trains (a linear probe on the trunk; ~forward-pass cost)
+    pooling: str = "last"  # score from the head at the last token ("last") or its mean over the response ("mean")
     # Iterated online RLHF (Bai et al. 2022 §4.5): every `online_every` PPO iterations, label fresh samples of
     # the current policy on `online_prompts` prompts, add them to the data, train `online_steps` more steps.
     online_every: int = 0  # 0: off (the reward model stays as trained on SFT samples)
@@ -59,7 +62,10 @@ class RewardModelConfig:
         require(0 < self.eval_fraction < 1, "reward_model.eval_fraction", "must be in (0, 1)")
         for name in ("num_prompts", "steps", "batch_size", "micro_batches", "online_prompts", "online_steps"):
             require(getattr(self, name) >= 1, f"reward_model.{name}", f"must be >= 1, got {getattr(self, name)}")
+        require(self.pooling in ("last", "mean"), "reward_model.pooling", f"{self.pooling!r} not in ('last', 'mean')")
         require(self.init in ("sft", "scratch"), "reward_model.init", f"{self.init!r} not in ('sft', 'scratch')")
+        require(self.train_trunk or self.init == "sft", "reward_model.train_trunk",
+                "a frozen trunk must come from the SFT model (init='sft'); a scratch trunk has to train")
         require(self.online_every >= 0, "reward_model.online_every", f"must be >= 0, got {self.online_every}")
 
 
@@ -87,6 +93,7 @@ class PipelineConfig:
     reward_model: RewardModelConfig = RewardModelConfig()
     ppo: PPOConfig = PPOConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    mesh: MeshConfig = MeshConfig(data=-1, fsdp=1, tensor=1)  # device mesh: data × fsdp × tensor (-1: the rest)
     pretrained: str = ""  # HF directory, .gguf file or "smollm2"; "" = random init
     seed: int = 0  # every random draw derives from it by fold_in
     log_every: int = 1  # PPO iterations between metric rows

@@ -28,6 +28,7 @@ from jaxppo.ppo_config import PPOConfig
 from jaxppo.rollout import Trajectory
 from jaxppo.sequences import response_logprobs, response_values
 from jaxppo.sft import sft_nll
+from jaxppo.sharding import constrain_tree
 
 Array = jax.Array
 
@@ -121,6 +122,7 @@ def make_update(actor_config: ModelConfig, ppo: PPOConfig, *, critic_config: Mod
 
         carry = (actor, critic, jnp.asarray(kl_coef, jnp.float32), ptx)
         (actor, critic, _, _), aux = jax.lax.scan(epoch, carry, jax.random.split(key, ppo.epochs))
+        actor, critic = constrain_tree((actor, critic))  # the layout they came in with (sharding.RULES)
         metrics = {k: jnp.mean(v) for k, v in aux.items()}
         metrics["max_abs_log_ratio"] = jnp.max(aux["max_abs_log_ratio"])
         metrics["first_max_abs_log_ratio"] = aux["max_abs_log_ratio"][0, 0]

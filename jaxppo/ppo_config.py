@@ -21,7 +21,7 @@ class PPOConfig:
     temperature: float = 1.0  # > 0; sampling temperature, also applied to the log-probs PPO optimises
     top_k: int = 0  # sample among the k most likely tokens; 0: off
     top_p: float = 1.0  # nucleus sampling mass in (0, 1]; 1: off
-    stop_token_ids: tuple[int, ...] = ()  # a response ends with (and keeps) any of these, e.g. EOS; (): no stop
+    stop_token_ids: tuple[int, ...] = ()  # a response ends with (and keeps) any of these; (): none (pipeline: the task's EOS)
     pad_token_id: int = 0  # fills a response after its stop token (masked out)
     missing_eos_penalty: float = 1.0  # subtracted from the score of a response that never emitted a stop token
     # rewards and advantages

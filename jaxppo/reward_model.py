@@ -25,59 +25,76 @@ from jaxppo.losses import bradley_terry_loss, plackett_luce_loss
 from jaxppo.models.config import ModelConfig
 from jaxppo.optim import accumulate_gradients, skipped_updates
 from jaxppo.sequences import response_scores
+from jaxppo.sharding import constrain_tree
 
 OBJECTIVES = ("bradley_terry", "plackett_luce")
 
 
-def pair_scores(config: ModelConfig, params: dict, batch: dict) -> tuple[jax.Array, jax.Array]:
+def pair_scores(config: ModelConfig, params: dict, batch: dict, *, pooling: str = "last") -> tuple[jax.Array, jax.Array]:
     """Scores ``[B]`` of the chosen and the rejected responses, both in one forward pass."""
     b = batch["prompt"].shape[0]
     prompt = jnp.concatenate([batch["prompt"]] * 2)
     prompt_mask = jnp.concatenate([batch["prompt_mask"]] * 2)
     responses = jnp.concatenate([batch["chosen"], batch["rejected"]])
     masks = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]])
-    scores = response_scores(config, params, prompt, prompt_mask, responses, masks)
+    scores = response_scores(config, params, prompt, prompt_mask, responses, masks, pooling=pooling)
     return scores[:b], scores[b:]
 
 
-def list_scores(config: ModelConfig, params: dict, batch: dict) -> jax.Array:
+def list_scores(config: ModelConfig, params: dict, batch: dict, *, pooling: str = "last") -> jax.Array:
     """Scores ``[B, K]`` of ranked lists of responses, all K in one forward pass."""
     b, k, n = batch["responses"].shape
     prompt = jnp.repeat(batch["prompt"], k, axis=0)
     prompt_mask = jnp.repeat(batch["prompt_mask"], k, axis=0)
     scores = response_scores(config, params, prompt, prompt_mask, batch["responses"].reshape(b * k, n),
-                             batch["response_mask"].reshape(b * k, n))
+                             batch["response_mask"].reshape(b * k, n), pooling=pooling)
     return scores.reshape(b, k)
 
 
-def pair_loss(config: ModelConfig, params: dict, batch: dict, *, use_margin: bool = False):
+def pair_loss(config: ModelConfig, params: dict, batch: dict, *, use_margin: bool = False, pooling: str = "last"):
     """Bradley–Terry loss of a batch of pairs."""
-    chosen, rejected = pair_scores(config, params, batch)
+    chosen, rejected = pair_scores(config, params, batch, pooling=pooling)
     return bradley_terry_loss(chosen, rejected, margin=batch["margin"] if use_margin else None)
 
 
-def ranking_loss(config: ModelConfig, params: dict, batch: dict):
+def ranking_loss(config: ModelConfig, params: dict, batch: dict, *, pooling: str = "last"):
     """Plackett–Luce loss of a batch of ranked lists."""
-    return plackett_luce_loss(list_scores(config, params, batch))
+    return plackett_luce_loss(list_scores(config, params, batch, pooling=pooling))
 
 
-def _loss_fn(config: ModelConfig, objective: str, use_margin: bool):
+def _loss_fn(config: ModelConfig, objective: str, use_margin: bool, pooling: str = "last"):
     if objective not in OBJECTIVES:
         raise ValueError(f"reward model `objective`={objective!r} is not one of {OBJECTIVES}")
     if objective == "bradley_terry":
-        return functools.partial(pair_loss, config, use_margin=use_margin)
-    return functools.partial(ranking_loss, config)
+        return functools.partial(pair_loss, config, use_margin=use_margin, pooling=pooling)
+    return functools.partial(ranking_loss, config, pooling=pooling)
+
+
+def head_only(loss_fn, head: str = "reward_head"):
+    """``loss_fn`` with every parameter but ``head`` behind ``stop_gradient``: a linear probe on the
+    frozen trunk's features. Their gradients are exact zeros (Adam then leaves them unchanged) and
+    XLA prunes the trunk's backward pass, so a step costs about one forward pass."""
+    def frozen_trunk_loss(params, batch):
+        return loss_fn({k: v if k == head else jax.lax.stop_gradient(v) for k, v in params.items()}, batch)
+
+    return frozen_trunk_loss
 
 
 def make_reward_step(config: ModelConfig, *, objective: str = "bradley_terry", use_margin: bool = False,
-                     micro_batches: int = 1):
-    """Jitted ``step(state, batch) -> (state, metrics)`` (loss, accuracy, grad norm); state donated."""
-    loss_fn = _loss_fn(config, objective, use_margin)
+                     micro_batches: int = 1, train_trunk: bool = True, pooling: str = "last"):
+    """Jitted ``step(state, batch) -> (state, metrics)`` (loss, accuracy, grad norm); state donated.
+
+    ``train_trunk=False`` trains the scalar head alone (:func:`head_only`); ``pooling`` as in
+    :func:`jaxppo.sequences.response_scores`.
+    """
+    loss_fn = _loss_fn(config, objective, use_margin, pooling)
+    if not train_trunk:
+        loss_fn = head_only(loss_fn)
 
     @functools.partial(jax.jit, donate_argnums=0)
     def step(state: TrainState, batch: dict):
         loss, aux, grads = accumulate_gradients(loss_fn, state.params, batch, micro_batches=micro_batches)
-        state = state.apply_gradients(grads=grads)
+        state = constrain_tree(state.apply_gradients(grads=grads))
         metrics = {"loss": loss, "accuracy": aux["accuracy"], "grad_norm": optax.tree.norm(grads),
                    "skipped_updates": skipped_updates(state)}
         return state, metrics
@@ -85,9 +102,10 @@ def make_reward_step(config: ModelConfig, *, objective: str = "bradley_terry", u
     return step
 
 
-def make_reward_eval(config: ModelConfig, *, objective: str = "bradley_terry", use_margin: bool = False):
+def make_reward_eval(config: ModelConfig, *, objective: str = "bradley_terry", use_margin: bool = False,
+                     pooling: str = "last"):
     """Jitted ``evaluate(params, batch) -> {"loss", "accuracy"}`` on held-out preferences."""
-    loss_fn = _loss_fn(config, objective, use_margin)
+    loss_fn = _loss_fn(config, objective, use_margin, pooling)
 
     @jax.jit
     def evaluate(params: dict, batch: dict):

@@ -53,6 +53,7 @@ def make_rollout(
     *,
     critic_config: ModelConfig | None = None,
     reward_config: ModelConfig | None = None,
+    reward_pooling: str = "last",
     score_fn=None,
 ):
     """Jitted ``rollout(actor, critic, reference, reward, prompt, prompt_mask, key, kl_coef)``.
@@ -60,7 +61,8 @@ def make_rollout(
     ``actor``/``reference``/``reward`` are params; ``critic`` is the separate critic's params or
     None for a shared-trunk value head (``ppo.critic == "shared"``). With ``score_fn(prompt,
     prompt_mask, response, response_mask) -> [B]`` (a programmatic, verifiable reward) the score
-    comes from it and ``reward`` is ignored. Returns ``(Trajectory, metrics)``. Traced once per
+    comes from it and ``reward`` is ignored; ``reward_pooling`` is the reward model's
+    (:func:`jaxppo.sequences.response_scores`). Returns ``(Trajectory, metrics)``. Traced once per
     prompt shape.
     """
     critic_config = critic_config or actor_config
@@ -81,7 +83,8 @@ def make_rollout(
         if not shared:
             values = response_values(critic_config, critic, *args)
         ref_logprobs, _, _ = response_logprobs(actor_config, reference, *args, temperature=ppo.temperature)
-        proxy = score_fn(*args) if score_fn is not None else response_scores(reward_config, reward, *args)
+        proxy = score_fn(*args) if score_fn is not None else response_scores(reward_config, reward, *args,
+                                                                              pooling=reward_pooling)
         stopped = jnp.any((mask > 0) & jnp.isin(response, jnp.asarray(ppo.stop_token_ids or (-1,))), axis=1)
         scores = jnp.where(stopped, proxy, proxy - ppo.missing_eos_penalty)
         beta = kl_coef if ppo.kl_in_reward else 0.0

@@ -27,6 +27,7 @@ from flax import struct
 from jaxppo.models.config import ModelConfig
 from jaxppo.models.heads import lm_logits
 from jaxppo.models.llama import KVCache, decoder_hidden
+from jaxppo.sharding import KV_CACHE_SPEC, constrain
 
 Array = jax.Array
 
@@ -118,7 +119,9 @@ def sample(
 
     hidden, prompt_kv = decoder_hidden(config, params, prompt_tokens, prompt_mask)
     pad_kv = jnp.zeros(prompt_kv.k.shape[:3] + (n_new,) + prompt_kv.k.shape[4:], prompt_kv.k.dtype)
-    cache = KVCache(jnp.concatenate([prompt_kv.k, pad_kv], 3), jnp.concatenate([prompt_kv.v, pad_kv], 3))
+    # under a mesh: batch over (data, fsdp), KV heads over tensor, like the projections that fill it
+    cache = KVCache(constrain(jnp.concatenate([prompt_kv.k, pad_kv], 3), KV_CACHE_SPEC),
+                    constrain(jnp.concatenate([prompt_kv.v, pad_kv], 3), KV_CACHE_SPEC))
     kv_mask = jnp.concatenate([prompt_mask, jnp.zeros((batch, n_new), jnp.int32)], axis=1)
     logits = lm_logits(config, params, hidden[:, -1])
     positions = jnp.sum(prompt_mask, axis=1)  # next token's position in each row

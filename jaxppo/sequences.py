@@ -73,9 +73,27 @@ def response_values(
     return scalar_head(params[head], hidden)
 
 
+POOLINGS = ("last", "mean")
+
+
 def response_scores(
     config: ModelConfig, params: dict, prompt: Array, prompt_mask: Array, response: Array, response_mask: Array,
-    *, head: str = "reward_head",
+    *, head: str = "reward_head", pooling: str = "last",
 ) -> Array:
-    """Reward-model score ``[B]``: the scalar head at each sequence's last real token."""
-    return sequence_scores(config, params, *concat(prompt, prompt_mask, response, response_mask), head=head)
+    """Reward-model score ``[B]`` of each (prompt, response).
+
+    ``pooling="last"``: the scalar head at the sequence's last real token (InstructGPT). ``"mean"``:
+    the head's mean over the response's own tokens, ``w · mean_t h_t + b`` (the head is linear), a
+    summary of the whole response rather than of the state after its stop token; an empty response
+    scores the bias.
+    """
+    if pooling not in POOLINGS:
+        raise ValueError(f"response_scores: `pooling`={pooling!r} is not one of {POOLINGS}")
+    if pooling == "last":
+        return sequence_scores(config, params, *concat(prompt, prompt_mask, response, response_mask), head=head)
+    tokens, mask = concat(prompt, prompt_mask, response, response_mask)
+    hidden, _ = decoder_hidden(config, params, tokens, mask)
+    per_token = scalar_head(params[head], hidden[:, prompt.shape[1]:])  # [B, N]
+    weights = response_mask.astype(per_token.dtype)
+    pooled = jnp.sum(per_token * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
+    return jnp.where(jnp.sum(weights, axis=1) > 0, pooled, params[head]["bias"].reshape(()).astype(pooled.dtype))

@@ -21,6 +21,7 @@ from jaxppo.masking import masked_mean
 from jaxppo.models.config import ModelConfig
 from jaxppo.optim import accumulate_gradients, skipped_updates
 from jaxppo.sequences import response_logprobs
+from jaxppo.sharding import constrain_tree
 
 SFT_KEYS = ("prompt", "prompt_mask", "response", "response_mask")
 
@@ -39,7 +40,7 @@ def make_sft_step(config: ModelConfig, *, micro_batches: int = 1):
     def step(state: TrainState, batch: dict):
         loss, _, grads = accumulate_gradients(functools.partial(sft_nll, config), state.params, batch,
                                               micro_batches=micro_batches)
-        state = state.apply_gradients(grads=grads)
+        state = constrain_tree(state.apply_gradients(grads=grads))
         return state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "skipped_updates": skipped_updates(state)}
 
     return step

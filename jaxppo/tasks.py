@@ -191,7 +191,15 @@ class TextTask:
         return self.seed * 1_000_003 + sum(map(ord, stream))
 
     def prompts(self, stream: str, step: int, n: int):
-        rows = batch_indices(self._train[0].shape[0], n, seed=self._stream_seed(stream), step=step)
+        """``n`` training prompts; more than the file holds repeats it in whole reshuffled epochs
+        (e.g. preference data with several sampled pairs per prompt)."""
+        num_rows = self._train[0].shape[0]
+        if n <= num_rows:
+            rows = batch_indices(num_rows, n, seed=self._stream_seed(stream), step=step)
+        else:
+            epochs = -(-n // num_rows)
+            rows = np.concatenate([batch_indices(num_rows, num_rows, seed=self._stream_seed(stream), step=step * epochs + e)
+                                   for e in range(epochs)])[:n]
         return jnp.asarray(self._train[0][rows]), jnp.asarray(self._train[1][rows])
 
     def eval_prompts(self):

@@ -28,7 +28,7 @@ import numpy as np
 
 from jaxppo.checkpoint import CheckpointError, StageCheckpoints
 from jaxppo.kl_control import init_kl_control, update_kl_control
-from jaxppo.logging import RunLogger, read_metrics
+from jaxppo.logging import NullLogger, RunLogger, read_metrics
 from jaxppo.models.heads import init_params, init_scalar_head
 from jaxppo.optim import create_train_state, make_optimizer
 from jaxppo.pipeline_config import PipelineConfig
@@ -38,6 +38,7 @@ from jaxppo.rollout import make_rollout
 from jaxppo.sampling import SamplingParams, make_sampler
 from jaxppo.sequences import response_scores
 from jaxppo.sft import make_sft_step
+from jaxppo.sharding import init_sharded, make_mesh, replicate, shard_batch, shard_tree, to_host
 from jaxppo.tasks import TextTask, TextTaskConfig, ToyTask
 
 STAGES = ("sft", "reward_model", "ppo")
@@ -102,7 +103,10 @@ class Pipeline:
     def __init__(self, config: PipelineConfig, logger: RunLogger, checkpoint_dir: Path | None = None):
         self.config, self.logger = config, logger
         self.key = jax.random.key(config.seed)
+        self.mesh = make_mesh(config.mesh)
         self.base_params, self.tokenizer = _load_model(config)
+        if self.base_params is not None:
+            self.base_params = shard_tree(self.base_params, self.mesh)
         if isinstance(config.task, TextTaskConfig):
             self.task = TextTask(config.task, self.tokenizer, seed=config.seed, vocab_size=config.model.vocab_size)
             print(f"prompts: {config.task.prompts}: {self.task.num_truncated_prompts} truncated to "
@@ -113,7 +117,7 @@ class Pipeline:
                                        top_k=config.ppo.top_k, top_p=config.ppo.top_p,
                                        stop_token_ids=self.task.stop_token_ids, pad_token_id=self.task.pad_token_id)
         self.sampler = make_sampler(config.model, self.sampling)
-        self.scores = jax.jit(functools.partial(response_scores, config.model))
+        self.scores = jax.jit(functools.partial(response_scores, config.model, pooling=config.reward_model.pooling))
         self.checkpoints = {}
         if checkpoint_dir is not None:
             as_dict = json.loads(json.dumps(dataclasses.asdict(config)))
@@ -123,6 +127,14 @@ class Pipeline:
     def _key(self, name: str, i: int = 0) -> jax.Array:
         return jax.random.fold_in(jax.random.fold_in(self.key, sum(map(ord, name)) * 7919), i)
 
+    def _train_state(self, params: dict, tx) -> object:
+        """A train state created already sharded by :data:`jaxppo.sharding.RULES` (own buffers)."""
+        return init_sharded(lambda p: create_train_state(p, tx), self.mesh, params)
+
+    def _frozen(self, params: dict) -> dict:
+        """Own, sharded buffers for a frozen role's params (train states are donated by their steps)."""
+        return shard_tree(_copy(params), self.mesh)
+
     # ------------------------------------------------------------------------------- helpers
 
     def sample(self, params: dict, prompt, prompt_mask, key: jax.Array):
@@ -130,8 +142,8 @@ class Pipeline:
         size = self.config.eval_batch_size
         tokens, masks = [], []
         for c, start in enumerate(range(0, prompt.shape[0], size)):
-            out = self.sampler(params, prompt[start:start + size], prompt_mask[start:start + size],
-                               jax.random.fold_in(key, c))
+            chunk = shard_batch((prompt[start:start + size], prompt_mask[start:start + size]), self.mesh)
+            out = self.sampler(params, *chunk, jax.random.fold_in(key, c))
             tokens.append(out.tokens)
             masks.append(out.mask)
         return jnp.concatenate(tokens), jnp.concatenate(masks)
@@ -139,18 +151,19 @@ class Pipeline:
     def score(self, reward_params: dict, *args) -> jax.Array:
         size = self.config.eval_batch_size
         n = args[0].shape[0]
-        return jnp.concatenate([self.scores(reward_params, *(a[s:s + size] for a in args)) for s in range(0, n, size)])
+        return jnp.concatenate([self.scores(reward_params, *shard_batch(tuple(a[s:s + size] for a in args), self.mesh))
+                                for s in range(0, n, size)])
 
     def evaluate(self, params: dict, reward_params: dict | None = None, i: int = 0, samples: str = "") -> dict:
         """Gold (and proxy) reward of fresh samples of the policy on the fixed evaluation prompts."""
         prompt, prompt_mask = self.task.eval_prompts()
         response, mask = self.sample(params, prompt, prompt_mask, self._key("eval-sample", i))
-        args = (prompt, prompt_mask, response, mask)
+        args = tuple(to_host(a) for a in (prompt, prompt_mask, response, mask))
         gold = self.task.gold(*args)
-        result = {"gold_reward": float(np.mean(gold)), "response_length": float(jnp.mean(jnp.sum(mask, 1)))}
+        result = {"gold_reward": float(np.mean(gold)), "response_length": float(np.mean(np.sum(args[3], 1)))}
         proxy = None
         if reward_params is not None:
-            proxy = np.asarray(self.score(reward_params, *args))
+            proxy = to_host(self.score(reward_params, *args))
             result["proxy_reward"] = float(np.mean(proxy))
         if samples and self.config.num_samples:
             k = self.config.num_samples
@@ -191,7 +204,7 @@ class Pipeline:
                 return state, items, meta
         bar = self.logger.progress(range(start, steps), desc=stage)
         for i in bar:
-            state, metrics = step_fn(state, batch_at(i))
+            state, metrics = step_fn(state, shard_batch(batch_at(i), self.mesh))
             if i % STEP_LOG_EVERY == 0 or i == steps - 1:
                 bar.set_postfix(self.logger.log(stage, i, metrics))
             if (i + 1) % every == 0 and i + 1 < steps:
@@ -210,9 +223,11 @@ class Pipeline:
         c = self.config
         if c.sft.steps == 0:
             return self.base_params
-        params = self.base_params if self.base_params is not None else init_params(c.model, self._key("init"))
-        state = create_train_state(_copy(params), make_optimizer(learning_rate=c.sft.learning_rate,
-                                                                 warmup_steps=c.sft.warmup_steps))
+        params = self.base_params
+        if params is None:
+            params = init_sharded(functools.partial(init_params, c.model), self.mesh, self._key("init"))
+        state = self._train_state(params, make_optimizer(learning_rate=c.sft.learning_rate,
+                                                         warmup_steps=c.sft.warmup_steps))
         step = make_sft_step(c.model, micro_batches=c.sft.micro_batches)
         state, done, _ = self._fit("sft", state, step, lambda i: self.task.demonstrations("sft", i, c.sft.batch_size),
                                    c.sft.steps)
@@ -231,7 +246,7 @@ class Pipeline:
         ckpt = self.checkpoints.get("preference_data")
         if ckpt is not None and ckpt.latest_step() is not None:  # sampling is the expensive part: saved once
             data, _ = ckpt.restore(ckpt.latest_step(), {"data": ...})
-            return {k: jnp.asarray(v) for k, v in data["data"].items()}
+            return {k: np.asarray(v) for k, v in data["data"].items()}
         prompt, prompt_mask = self.task.prompts("rm", 0, rm.num_prompts)
         data = self.labelled_samples(sft_params, prompt, prompt_mask, "rm", 0)
         if ckpt is not None:
@@ -245,11 +260,13 @@ class Pipeline:
         k = 2 if rm.objective == "bradley_terry" else rm.list_size
         responses, masks, golds = [], [], []
         for j in range(k):
-            response, mask = self.sample(params, prompt, prompt_mask, self._key(f"{stream}-samples", step * k + j))
+            response, mask = map(to_host, self.sample(params, prompt, prompt_mask,
+                                                      self._key(f"{stream}-samples", step * k + j)))
             responses.append(response)
             masks.append(mask)
-            golds.append(jnp.asarray(self.task.gold(prompt, prompt_mask, response, mask), jnp.float32))
-        return self._label(prompt, prompt_mask, responses, masks, golds, self._key(f"{stream}-labels", step))
+            golds.append(jnp.asarray(self.task.gold(to_host(prompt), to_host(prompt_mask), response, mask), jnp.float32))
+        data = self._label(prompt, prompt_mask, responses, masks, golds, self._key(f"{stream}-labels", step))
+        return {name: np.asarray(v) for name, v in data.items()}  # host arrays: batches are sharded per step
 
     def _label(self, prompt, prompt_mask, responses, masks, golds, key) -> dict:
         """Pairs (Bradley–Terry-noisy gold labels) or Plackett–Luce-drawn rankings of sampled responses."""
@@ -293,12 +310,12 @@ class Pipeline:
     def _gold_accuracy(self, params: dict, data: dict, labels: dict) -> dict:
         """Agreement of the reward model with the hidden gold order on the pairs it strictly orders."""
         if "gold_diff" in labels:
-            chosen, rejected = self._pair_scores(params, data)
+            chosen, rejected = map(to_host, self._pair_scores(params, shard_batch(data, self.mesh)))
             diff = np.asarray(labels["gold_diff"])
             agree = np.sign(np.asarray(chosen - rejected)) == np.sign(diff)
             return {"gold_accuracy": float(agree[diff != 0].mean())}
         if "gold" in labels:  # every pair (i, j) of a list whose gold rewards differ, against the gold order
-            scores = np.asarray(self._list_scores(params, data))
+            scores = to_host(self._list_scores(params, shard_batch(data, self.mesh)))
             gold = np.asarray(labels["gold"])
             i, j = np.triu_indices(scores.shape[1], 1)
             strict = gold[:, i] != gold[:, j]
@@ -308,26 +325,27 @@ class Pipeline:
 
     @functools.cached_property
     def _pair_scores(self):
-        return jax.jit(functools.partial(pair_scores, self.config.model))
+        return jax.jit(functools.partial(pair_scores, self.config.model, pooling=self.config.reward_model.pooling))
 
     @functools.cached_property
     def _list_scores(self):
-        return jax.jit(functools.partial(list_scores, self.config.model))
+        return jax.jit(functools.partial(list_scores, self.config.model, pooling=self.config.reward_model.pooling))
 
     @functools.cached_property
     def _reward_step(self):
         rm = self.config.reward_model
         return make_reward_step(self.config.model, objective=rm.objective, use_margin=rm.use_margin,
-                                micro_batches=rm.micro_batches)
+                                micro_batches=rm.micro_batches, train_trunk=rm.train_trunk, pooling=rm.pooling)
 
     @functools.cached_property
     def _reward_eval(self):
         rm = self.config.reward_model
-        return make_reward_eval(self.config.model, objective=rm.objective, use_margin=rm.use_margin)
+        return make_reward_eval(self.config.model, objective=rm.objective, use_margin=rm.use_margin,
+                                pooling=rm.pooling)
 
     def _normalized(self, state_params: dict, sft_params: dict) -> dict:
         """Frozen reward params (own buffers) whose scores of SFT samples have mean 0 and std 1."""
-        params = _copy(state_params)
+        params = self._frozen(state_params)
         if not self.config.reward_model.normalize:
             return params
         if not hasattr(self, "_norm_samples"):  # the same SFT samples for every normalisation of the run
@@ -339,11 +357,11 @@ class Pipeline:
     def reward_model(self, sft_params: dict) -> RewardModel:
         c, rm = self.config, self.config.reward_model
         if rm.init == "sft":  # the InstructGPT recipe: the SFT model's trunk
-            params = {k: v for k, v in _copy(sft_params).items() if k != "lm_head"}
+            params = {k: v for k, v in sft_params.items() if k != "lm_head"}
         else:  # "scratch": a freshly initialised trunk of the same architecture
             params = {k: v for k, v in init_params(c.model, self._key("rm-init")).items() if k != "lm_head"}
         params["reward_head"] = init_scalar_head(c.model, self._key("rm-head"), "reward_head")
-        state = create_train_state(params, make_optimizer(learning_rate=rm.learning_rate, warmup_steps=rm.warmup_steps))
+        state = self._train_state(params, make_optimizer(learning_rate=rm.learning_rate, warmup_steps=rm.warmup_steps))
         if self._is_done("reward_model"):
             state, done, meta = self._fit("reward_model", state, None, None, rm.steps, {"output": params})
             train, _, _ = self._split_preferences(self.preference_data(sft_params))
@@ -353,7 +371,7 @@ class Pipeline:
         batches = self._key("rm-batches")
         state, _, _ = self._fit("reward_model", state, self._reward_step,
                                 lambda i: _rows(train, _batch_rows(n_train, rm.batch_size, batches, i)), rm.steps)
-        eval_metrics = self._reward_eval(state.params, held_out)
+        eval_metrics = self._reward_eval(state.params, shard_batch(held_out, self.mesh))
         result = {"eval_accuracy": float(eval_metrics["accuracy"]), "eval_loss": float(eval_metrics["loss"]),
                   "num_train": n_train, "num_eval": held_out["prompt"].shape[0],
                   **self._gold_accuracy(state.params, held_out, labels)}
@@ -375,15 +393,16 @@ class Pipeline:
         new = _usable(self.labelled_samples(policy_params, prompt, prompt_mask, "rm-online", it))
         labels = {k: new.pop(k) for k in ("gold", "gold_diff") if k in new}
         state = reward.state
-        before = self._reward_eval(state.params, new)
+        before = self._reward_eval(state.params, shard_batch(new, self.mesh))
         metrics = {"pre_accuracy": float(before["accuracy"]), "pre_loss": float(before["loss"]),
                    **{f"pre_{k}": v for k, v in self._gold_accuracy(state.params, new, labels).items()},
                    "new_pairs": new["prompt"].shape[0]}
-        train = {k: jnp.concatenate([reward.train[k], new[k]]) for k in reward.train}
+        train = {k: np.concatenate([reward.train[k], new[k]]) for k in reward.train}
         n = train["prompt"].shape[0]
         batches = self._key("rm-online-batches", it)
         for i in range(rm.online_steps):
-            state, step_metrics = self._reward_step(state, _rows(train, _batch_rows(n, rm.batch_size, batches, i)))
+            batch = shard_batch(_rows(train, _batch_rows(n, rm.batch_size, batches, i)), self.mesh)
+            state, step_metrics = self._reward_step(state, batch)
         metrics.update(num_train=n, loss=float(step_metrics["loss"]), accuracy=float(step_metrics["accuracy"]))
         self.logger.log("reward_model_online", it, metrics)
         return RewardModel(self._normalized(state.params, sft_params), state, train, reward.result)
@@ -396,53 +415,55 @@ class Pipeline:
         online = c.reward_model.online_every
         rm_params = reward.params
         shared = ppo.critic == "shared"
-        actor_params = _copy(sft_params)  # states are donated: own buffers for each trained role
+        actor_params = dict(sft_params)  # _train_state gives each trained role its own buffers
         critic_state = None
         if shared:
             actor_params["value_head"] = init_scalar_head(c.model, self.key, "value_head")
         else:
             if ppo.critic_init == "reward_model":
-                critic_params = {k: v for k, v in _copy(rm_params).items() if k != "reward_head"}
-                critic_params["value_head"] = _copy(rm_params["reward_head"])
+                critic_params = {k: v for k, v in rm_params.items() if k != "reward_head"}
+                critic_params["value_head"] = rm_params["reward_head"]
             else:
-                critic_params = {k: v for k, v in _copy(sft_params).items() if k != "lm_head"}
+                critic_params = {k: v for k, v in sft_params.items() if k != "lm_head"}
                 critic_params["value_head"] = init_scalar_head(c.model, self.key, "value_head")
-            critic_state = create_train_state(critic_params, make_optimizer(
+            critic_state = self._train_state(critic_params, make_optimizer(
                 learning_rate=ppo.critic_learning_rate or ppo.learning_rate, max_grad_norm=ppo.max_grad_norm))
-        actor_state = create_train_state(actor_params, make_optimizer(learning_rate=ppo.learning_rate,
-                                                                       max_grad_norm=ppo.max_grad_norm))
+        actor_state = self._train_state(actor_params, make_optimizer(learning_rate=ppo.learning_rate,
+                                                                     max_grad_norm=ppo.max_grad_norm))
         ref_params = sft_params  # frozen, never donated
-        kl_state = init_kl_control(kl_coef=ppo.kl_coef)
+        kl_state = replicate(init_kl_control(kl_coef=ppo.kl_coef), self.mesh)  # updated on device from the KL metric
         refresh = ppo.ref_refresh_every > 0
         start, items, meta = self._resume("ppo", {
             "actor": actor_state, "critic": critic_state, "kl": kl_state,
-            "reference": _copy(ref_params) if refresh else None,
+            "reference": ref_params if refresh else None,
             **({"rm_state": reward.state, "rm_params": reward.params, "rm_data": ...} if online else {})})
         if items is not None:
             actor_state, critic_state, kl_state = items["actor"], items.get("critic"), items["kl"]
             ref_params = items.get("reference", ref_params)
             if online:
-                data = {k: jnp.asarray(v) for k, v in items["rm_data"].items()}
+                data = {k: np.asarray(v) for k, v in items["rm_data"].items()}
                 reward = RewardModel(items["rm_params"], items["rm_state"], data, reward.result)
-        rollout = make_rollout(c.model, ppo)
+        if not ppo.stop_token_ids:  # the task's EOS ends a response, as in evaluation and preference data
+            ppo = dataclasses.replace(ppo, stop_token_ids=self.task.stop_token_ids, pad_token_id=self.task.pad_token_id)
+        rollout = make_rollout(c.model, ppo, reward_pooling=c.reward_model.pooling)
         update = make_update(c.model, ppo)
         bar = self.logger.progress(range(start, ppo.iterations), desc="PPO")
         for it in bar:
             if online and it > 0 and it % online == 0:
                 reward = self.refresh_reward_model(it, actor_state.params, sft_params, reward)
-            prompt, prompt_mask = self.task.prompts("ppo", it, ppo.batch_size)
+            prompt, prompt_mask = shard_batch(self.task.prompts("ppo", it, ppo.batch_size), self.mesh)
             traj, metrics = rollout(actor_state.params, None if shared else critic_state.params, ref_params,
                                     reward.params, prompt, prompt_mask, self._key("ppo-sample", it), kl_state.kl_coef)
-            ptx = self.task.demonstrations("ppo-ptx", it, ppo.batch_size, (prompt, prompt_mask)) \
+            ptx = shard_batch(self.task.demonstrations("ppo-ptx", it, ppo.batch_size, (prompt, prompt_mask)), self.mesh) \
                 if ppo.ptx_coef > 0 else None
             actor_state, critic_state, update_metrics = update(actor_state, critic_state, traj,
                                                                self._key("ppo-update", it), kl_state.kl_coef, ptx)
             kl_state = update_kl_control(kl_state, metrics["kl"], n_steps=ppo.batch_size, target=ppo.kl_target,
                                          horizon=ppo.kl_horizon)
             if refresh and (it + 1) % ppo.ref_refresh_every == 0:
-                ref_params = _copy({k: v for k, v in actor_state.params.items() if k != "value_head"})
+                ref_params = self._frozen({k: v for k, v in actor_state.params.items() if k != "value_head"})
             if it % c.log_every == 0 or it == ppo.iterations - 1:
-                gold = self.task.gold(traj.prompt, traj.prompt_mask, traj.response, traj.response_mask)
+                gold = self.task.gold(*map(to_host, (traj.prompt, traj.prompt_mask, traj.response, traj.response_mask)))
                 row = self.logger.log("ppo", it, {"iteration": it, "gold_reward": float(np.mean(gold)),
                                                   **metrics, **update_metrics})
                 bar.set_postfix({k: row[k] for k in ("gold_reward", "proxy_reward", "kl")})
@@ -513,15 +534,22 @@ def _check_run_config(run_dir: Path, config: PipelineConfig) -> None:
 
 
 def run_pipeline(config: PipelineConfig, run_dir: str | Path) -> dict:
-    """Runs (or resumes) SFT → reward model → PPO; writes the run directory; returns ``summary.json``'s content."""
+    """Runs (or resumes) SFT → reward model → PPO; writes the run directory; returns ``summary.json``'s content.
+
+    Every process of a multi-process run calls it with the same arguments: all of them compute and
+    checkpoint (orbax coordinates the writes), only process 0 writes metrics, plots, samples, the
+    summary and the exported actor.
+    """
     start = time.perf_counter()
     run_dir = Path(run_dir)
+    main = jax.process_index() == 0
     checkpoint_dir = run_dir / "checkpoints" if config.checkpoint.enabled else None
     _check_run_config(run_dir, config)
-    if checkpoint_dir is not None and checkpoint_dir.exists():
+    if main and checkpoint_dir is not None and checkpoint_dir.exists():
         _rewind_metrics(run_dir, checkpoint_dir, config)
-    with RunLogger(run_dir, echo=None, wandb_project=config.wandb_project or None,
-                   wandb_config=dataclasses.asdict(config)) as logger:
+    logger = RunLogger(run_dir, echo=None, wandb_project=config.wandb_project or None,
+                       wandb_config=dataclasses.asdict(config)) if main else NullLogger()
+    with logger, jax.set_mesh(make_mesh(config.mesh)):
         logger.write_json("config.json", dataclasses.asdict(config))
         pipe = Pipeline(config, logger, checkpoint_dir)
         sft_params = pipe.sft()
@@ -541,13 +569,18 @@ def run_pipeline(config: PipelineConfig, run_dir: str | Path) -> dict:
             "optimal_gold_reward": config.task.optimal_gold,
             "gap_closed": (final_eval["gold_reward"] - sft_eval["gold_reward"]) / max(gap, 1e-9),
             "reward_model": reward.result,
+            "num_processes": jax.process_count(),
+            "mesh": dict(pipe.mesh.shape),
         }
         if isinstance(pipe.task, TextTask):
             summary["prompts_truncated"] = pipe.task.num_truncated_prompts
         if config.export_hf:
             from jaxppo.weights.hf import save_pretrained
 
-            summary["actor_hf"] = str(save_pretrained(run_dir / "actor_hf", config.model, final_params, pipe.tokenizer))
+            host_params = jax.tree.map(to_host, final_params)  # a collective: every process takes part
+            if main:
+                summary["actor_hf"] = str(save_pretrained(run_dir / "actor_hf", config.model, host_params,
+                                                          pipe.tokenizer))
         logger.plot("ppo", ["gold_reward", "proxy_reward", "kl"], filename="ppo.png",
                     title="PPO: gold vs proxy reward and KL to the reference")
         if config.sft.steps:

@@ -6,6 +6,10 @@ import jax
 import numpy as np
 import pytest
 
+# Eight CPU devices for the mesh tests (tests/test_sharding.py); every other test runs on device 0.
+# conftest.py is imported before any test module, so this runs before JAX starts its CPU backend.
+jax.config.update("jax_num_cpu_devices", 8)
+
 
 @pytest.fixture
 def x64():

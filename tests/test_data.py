@@ -383,3 +383,21 @@ def test_batch_indices_validation():
         batch_indices(4, 5, seed=0, step=0)
     with pytest.raises(ValueError, match="step"):
         batch_indices(4, 2, seed=0, step=-1)
+
+
+def test_text_task_prompts_repeat_whole_epochs_when_asked_for_more_than_the_file(tmp_path, tiny):
+    from jaxppo.tasks import TextTask, TextTaskConfig
+
+    path = tmp_path / "prompts.jsonl"
+    write(path, [{"prompt": w(3 + i)} for i in range(10)])  # prompt i is the single token 3 + i
+    config = TextTaskConfig(prompts=str(path), eval_prompts=2, chat_template=False, max_prompt_tokens=3)
+    task = TextTask(config, tiny, seed=0, vocab_size=64)
+    train_ids = sorted(set(range(3, 13)) - {int(t[-1]) for t in np.asarray(task.eval_prompts()[0])})
+    prompt, mask = task.prompts("rm", 0, 20)
+    ids = np.asarray(prompt)[:, -1]
+    assert prompt.shape == (20, 3) and np.asarray(mask)[:, -1].all()
+    # 8 training prompts: two whole reshuffled epochs, then the first 4 of a third
+    assert sorted(ids[:8]) == train_ids and sorted(ids[8:16]) == train_ids
+    assert set(ids[16:]) <= set(train_ids) and len(set(ids[16:])) == 4
+    np.testing.assert_array_equal(np.asarray(task.prompts("rm", 0, 20)[0]), np.asarray(prompt))  # deterministic
+    assert not np.array_equal(np.asarray(task.prompts("rm", 1, 20)[0]), np.asarray(prompt))

@@ -255,6 +255,51 @@ def test_non_finite_sft_and_reward_steps_are_skipped():
     np.testing.assert_array_equal(np.asarray(state.params["embed"]["embedding"]), before)
 
 
+def test_head_only_reward_step_trains_the_head_and_freezes_the_trunk():
+    from jaxppo.reward_model import make_reward_step
+
+    prompts, mask = sample_prompts(TASK, jax.random.key(1), 8)
+    chosen, chosen_mask = demonstrations_of(prompts, mask, seed=2)
+    rejected, rejected_mask = demonstrations_of(prompts, mask, seed=3)
+    batch = {"prompt": prompts, "prompt_mask": mask, "chosen": chosen, "chosen_mask": chosen_mask,
+             "rejected": rejected, "rejected_mask": rejected_mask, "margin": jnp.zeros(8)}
+    params = {**{k: v for k, v in init_params(MODEL, jax.random.key(0)).items() if k != "lm_head"},
+              "reward_head": init_scalar_head(MODEL, jax.random.key(4), "reward_head")}
+    before = jax.tree.map(np.asarray, params)
+    state = create_train_state(params, make_optimizer(learning_rate=1e-2))
+    step = make_reward_step(MODEL, train_trunk=False)
+    for _ in range(2):
+        state, metrics = step(state, batch)
+    after = jax.tree.map(np.asarray, state.params)
+    for name in ("embed", "layers", "final_norm"):  # bit for bit
+        jax.tree.map(np.testing.assert_array_equal, after[name], before[name])
+    assert not np.allclose(after["reward_head"]["kernel"], before["reward_head"]["kernel"])
+    assert float(metrics["grad_norm"]) > 0
+    # the trainable-trunk step moves the trunk from the same start
+    state = create_train_state(params, make_optimizer(learning_rate=1e-2))
+    state, _ = make_reward_step(MODEL)(state, batch)
+    assert not np.allclose(np.asarray(state.params["layers"]["mlp"]["up_proj"]["kernel"]),
+                           before["layers"]["mlp"]["up_proj"]["kernel"])
+
+
+def demonstrations_of(prompts, mask, seed):
+    from jaxppo.toy_task import demonstrations
+
+    return demonstrations(TASK, jax.random.key(seed), prompts, mask)
+
+
+def test_pipeline_rollout_stops_at_the_task_eos_when_ppo_names_no_stop_token(tmp_path):
+    config = tiny_config(num_prompts=256, steps=10)
+    config = dataclasses.replace(config, sft=dataclasses.replace(config.sft, steps=20),
+                                 ppo=dataclasses.replace(config.ppo, iterations=1, stop_token_ids=(), pad_token_id=0))
+    with RunLogger(tmp_path, echo=None) as logger:
+        pipe = Pipeline(config, logger)
+        sft = pipe.sft()
+        pipe.ppo(sft, pipe.reward_model(sft))
+    row = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["stage"] == "ppo"][0]
+    assert row["stopped_fraction"] > 0.5 and row["response_length"] < TASK.max_response_tokens
+
+
 def test_configs_that_cannot_fit_fail_before_any_compute():
     with pytest.raises(ValueError, match="ppo.minibatches"):
         PPOConfig(batch_size=64, minibatches=3)
@@ -267,3 +312,29 @@ def test_configs_that_cannot_fit_fail_before_any_compute():
         PipelineConfig(model=MODEL, task=long_task, ppo=dataclasses.replace(PPO, max_new_tokens=40))
     with pytest.raises(ValueError, match="sft.steps"):
         PipelineConfig(model=MODEL, task=TASK, ppo=PPO, sft=SFTConfig(steps=0))
+
+
+def test_mean_pooled_score_is_the_mean_of_last_token_scores_of_the_response_prefixes():
+    """A causal model's head at response token t is the last-token score of the response cut after t."""
+    from jaxppo.sequences import response_scores
+
+    params = {**{k: v for k, v in init_params(MODEL, jax.random.key(0)).items() if k != "lm_head"},
+              "reward_head": init_scalar_head(MODEL, jax.random.key(1), "reward_head")}
+    prompts, mask = sample_prompts(TASK, jax.random.key(2), 4)
+    response, response_mask = demonstrations_of(prompts, mask, seed=3)
+    response_mask = response_mask.at[0].set(0)  # an empty response scores the head's bias
+    pooled = np.asarray(response_scores(MODEL, params, prompts, mask, response, response_mask, pooling="mean"))
+    n = response.shape[1]
+    for b in range(4):
+        length = int(response_mask[b].sum())
+        if length == 0:
+            np.testing.assert_allclose(pooled[b], float(params["reward_head"]["bias"][0]), rtol=1e-6)
+            continue
+        prefix_scores = []
+        for t in range(length):
+            prefix_mask = (jnp.arange(n) <= t).astype(jnp.int32)[None]
+            prefix_scores.append(float(response_scores(MODEL, params, prompts[b:b + 1], mask[b:b + 1],
+                                                       response[b:b + 1], prefix_mask)[0]))
+        np.testing.assert_allclose(pooled[b], np.mean(prefix_scores), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="pooling"):
+        response_scores(MODEL, params, prompts, mask, response, response_mask, pooling="max")

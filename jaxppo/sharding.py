@@ -1,0 +1,264 @@
+"""Device mesh and the one table of parameter shardings, shared by every role.
+
+jaxppo never writes communication by hand: arrays carry ``NamedSharding``s on a mesh with three
+named axes and XLA's SPMD partitioner inserts the collectives.
+
+* ``data``   — pure data parallelism: the batch is split, parameters are replicated;
+* ``fsdp``   — fully-sharded data parallelism (ZeRO-3): the batch is split *and* every large
+  parameter (and its optimizer moments) is split along its model dimension ``D``; XLA gathers a
+  layer's weights when the layer runs;
+* ``tensor`` — tensor (model) parallelism (Megatron): attention heads, the MLP hidden dimension
+  and the vocabulary are split, so activations are split along them inside a layer.
+
+:data:`RULES` maps parameter-path patterns to ``PartitionSpec``s. It is matched against the
+``/``-joined path of every array of a pytree (``layers/attn/q_proj/kernel``, and the same names
+inside optimizer states, e.g. ``opt_state/.../mu/layers/attn/q_proj/kernel``), first match wins,
+so the actor, critic, reference and reward model and their optimizer states all get their
+layout from this one table. A rule whose rank does not match the array, or an axis that does not
+divide its dimension, falls back to replicating that dimension.
+
+Batches are split on their leading dimension over ``(data, fsdp)`` (:func:`batch_spec`); the
+sampler's KV cache ``[L, B, H_kv, S, D_h]`` is split the same way on ``B`` and over ``tensor`` on
+``H_kv`` (:data:`KV_CACHE_SPEC`), consistent with the attention projections.
+
+Multi-host: :func:`initialize_distributed` calls ``jax.distributed.initialize`` (TPU pods and
+SLURM/Open MPI clusters are detected by JAX; elsewhere give the coordinator address, process count
+and id); :func:`host_to_global` builds a global array from identical host data on every process,
+each process materialising only its own devices' slices; :func:`to_host` gathers a global array
+back to every process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxppo.config import require
+
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# (path regex, spec). Kernels are [in, out]; stacked layers carry a leading L axis (never split).
+RULES: tuple[tuple[str, P], ...] = (
+    (r"embed/embedding$", P("tensor", "fsdp")),  # [V, D]: vocabulary over tensor
+    (r"layers/attn/(q|k|v)_proj/kernel$", P(None, "fsdp", "tensor")),  # [L, D, H·Dh]: heads over tensor
+    (r"layers/attn/(q|k|v)_proj/bias$", P(None, "tensor")),  # [L, H·Dh]
+    (r"layers/attn/o_proj/kernel$", P(None, "tensor", "fsdp")),  # [L, H·Dh, D]
+    (r"layers/mlp/(gate|up)_proj/kernel$", P(None, "fsdp", "tensor")),  # [L, D, F]
+    (r"layers/mlp/down_proj/kernel$", P(None, "tensor", "fsdp")),  # [L, F, D]
+    (r"lm_head/kernel$", P("fsdp", "tensor")),  # [D, V]
+    (r"(reward_head|value_head)/kernel$", P("fsdp", None)),  # [D, 1]
+    (r".*", P()),  # norms, biases of heads, step counters, KL controller: replicated
+)
+KV_CACHE_SPEC = P(None, BATCH_AXES, "tensor", None, None)  # [L, B, H_kv, S_max, D_h]
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Sizes of the device mesh's axes; their product is the number of devices (one may be -1: the rest)."""
+
+    data: int = 1  # data-parallel replicas (batch split, params replicated)
+    fsdp: int = 1  # fully-sharded data parallel (batch and params split)
+    tensor: int = -1  # tensor parallel (heads, MLP width, vocabulary split); -1: all remaining devices
+
+    def __post_init__(self):
+        sizes = {name: getattr(self, name) for name in AXES}
+        for name, size in sizes.items():
+            require(size >= 1 or size == -1, f"mesh.{name}", f"must be >= 1 or -1 (the rest), got {size}")
+        require(sum(size == -1 for size in sizes.values()) <= 1, "mesh", "at most one axis may be -1")
+
+    def shape(self, num_devices: int) -> tuple[int, int, int]:
+        """The axis sizes for ``num_devices`` devices, -1 resolved; a ValueError names the field."""
+        sizes = [getattr(self, name) for name in AXES]
+        known = math.prod(s for s in sizes if s != -1)
+        if -1 in sizes:
+            require(num_devices % known == 0, "mesh",
+                    f"{num_devices} devices are not divisible by the fixed axis sizes {dict(zip(AXES, sizes))}")
+            sizes = [num_devices // known if s == -1 else s for s in sizes]
+        require(math.prod(sizes) == num_devices, "mesh",
+                f"axis sizes {dict(zip(AXES, sizes))} multiply to {math.prod(sizes)}, but there are "
+                f"{num_devices} devices (set one axis to -1 to take the rest)")
+        return tuple(sizes)
+
+
+def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ``(data, fsdp, tensor)`` mesh over ``devices`` (default: all devices of all processes).
+
+    Axes are ``AxisType.Auto``: arrays carry shardings and XLA propagates them (no explicit-mode typing).
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    shape = config.shape(len(devices))
+    return Mesh(np.asarray(devices).reshape(shape), AXES, axis_types=(AxisType.Auto,) * len(AXES))
+
+
+def _path_name(path) -> str:
+    parts = []
+    for entry in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(entry, attr):
+                parts.append(str(getattr(entry, attr)))
+                break
+        else:
+            parts.append(str(entry))
+    return "/".join(parts)
+
+
+def spec_for(name: str, shape: Sequence[int], mesh: Mesh, rules=RULES) -> P:
+    """The rule's spec for the array ``name`` of ``shape``, made valid for it on ``mesh``."""
+    for pattern, spec in rules:
+        if re.search(pattern, name):
+            break
+    else:
+        return P()
+    if len(spec) != len(shape):
+        return P()
+    return _fit_spec(spec, shape, mesh)
+
+
+def _fit_spec(spec: P, shape: Sequence[int], mesh) -> P:
+    """``spec`` in canonical form for ``shape`` on ``mesh``: mesh axes of size 1 and axes that do not
+    divide their dimension dropped, trailing Nones stripped — the form XLA gives outputs back in, so a
+    state's sharding is the same object before and after a jitted step (no second compilation)."""
+    fixed = []
+    for dim, axes in zip(shape, spec):
+        names = tuple(a for a in ((axes,) if isinstance(axes, str) else tuple(axes or ())) if mesh.shape[a] > 1)
+        size = math.prod(mesh.shape[a] for a in names)
+        fixed.append(None if not names or dim % size else names[0] if len(names) == 1 else names)
+    while fixed and fixed[-1] is None:
+        fixed.pop()
+    return P(*fixed)
+
+
+def tree_shardings(tree: Any, mesh: Mesh, rules=RULES) -> Any:
+    """``NamedSharding``s for every array leaf of ``tree`` (arrays or ``ShapeDtypeStruct``s) by :data:`RULES`."""
+    def one(path, leaf):
+        shape = np.shape(leaf) if not hasattr(leaf, "shape") else leaf.shape
+        return NamedSharding(mesh, spec_for(_path_name(path), shape, mesh, rules))
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def shard_tree(tree: Any, mesh: Mesh) -> Any:
+    """``tree`` placed on ``mesh`` by :data:`RULES` (host or device arrays; global arrays are resharded)."""
+    shardings = tree_shardings(tree, mesh)
+    return jax.tree.map(_place, tree, shardings)
+
+
+def init_sharded(init_fn, mesh: Mesh, *args) -> Any:
+    """``init_fn(*args)`` evaluated under ``jit`` with its outputs created already sharded by :data:`RULES`.
+
+    The shapes come from ``jax.eval_shape``, so no device ever holds the whole unsharded tree.
+    """
+    abstract = jax.eval_shape(init_fn, *args)
+    return jax.jit(init_fn, out_shardings=tree_shardings(abstract, mesh))(*args)
+
+
+def batch_spec(ndim: int) -> P:
+    """Leading (batch) dimension split over ``(data, fsdp)``; the rest replicated."""
+    return P(BATCH_AXES, *([None] * (ndim - 1)))
+
+
+def shard_batch(tree: Any, mesh: Mesh) -> Any:
+    """Every array of ``tree`` split on its leading dimension over ``(data, fsdp)`` (replicated when
+    that dimension is not divisible by ``data × fsdp``, e.g. the last, smaller chunk of a dataset)."""
+    split = mesh.shape["data"] * mesh.shape["fsdp"]
+
+    def one(x):
+        spec = batch_spec(np.ndim(x)) if np.ndim(x) and np.shape(x)[0] % split == 0 else P()
+        return _place(x, NamedSharding(mesh, _fit_spec(spec, np.shape(x), mesh)))
+
+    return jax.tree.map(one, tree)
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    return jax.tree.map(lambda x: _place(x, NamedSharding(mesh, P())), tree)
+
+
+def _place(x, sharding: NamedSharding):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return jax.device_put(x, sharding)  # already global: reshard on device
+    return host_to_global(x, sharding)
+
+
+def host_to_global(x, sharding: NamedSharding) -> jax.Array:
+    """A global array from host data that is the same on every process; each process copies only
+    the slices its own devices hold (with one process this is ``jax.device_put``)."""
+    if jax.process_count() == 1:
+        return jax.device_put(x, sharding)
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def to_host(x) -> np.ndarray:
+    """The whole value of a (possibly multi-process) array on this host."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def constrain(x: jax.Array, spec: P) -> jax.Array:
+    """``with_sharding_constraint`` under the mesh set by :func:`jax.set_mesh`; a no-op without one.
+
+    Lets model code state layouts (the KV cache) without taking a mesh argument: on one device,
+    or when the caller set no mesh, nothing changes.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(AXES) <= set(mesh.axis_names):
+        return x
+    return jax.lax.with_sharding_constraint(x, _fit_spec(spec, x.shape, mesh))
+
+
+def constrain_tree(tree: Any, rules=RULES) -> Any:
+    """Every array of ``tree`` constrained to its :data:`RULES` layout under the current mesh (a
+    no-op without one). Jitted steps apply it to the states they return, so a donated state comes
+    back in the layout it went in with and the step is not traced again."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(AXES) <= set(mesh.axis_names):
+        return tree
+
+    def one(path, x):
+        return jax.lax.with_sharding_constraint(x, spec_for(_path_name(path), x.shape, mesh, rules))
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def param_bytes_per_device(tree: Any) -> dict[Any, int]:
+    """Bytes of ``tree``'s arrays resident on each device (from the arrays' actual shards)."""
+    out: dict[Any, int] = {}
+    for leaf in jax.tree.leaves(tree):
+        for shard in leaf.addressable_shards:
+            out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes
+    return out
+
+
+def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+    """``jax.distributed.initialize`` for multi-host runs; nothing for a single process.
+
+    Arguments fall back to the environment: ``JAX_COORDINATOR_ADDRESS`` (host:port of process 0),
+    ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``. With none of them set but
+    ``JAXPPO_DISTRIBUTED=auto``, JAX detects the cluster itself (Cloud TPU pods, SLURM, Open MPI).
+    On CPU the cross-process collectives use gloo.
+    """
+    env = os.environ
+    coordinator = coordinator or env.get("JAX_COORDINATOR_ADDRESS")
+    num_processes = num_processes or (int(env["JAX_NUM_PROCESSES"]) if "JAX_NUM_PROCESSES" in env else None)
+    if process_id is None and "JAX_PROCESS_ID" in env:
+        process_id = int(env["JAX_PROCESS_ID"])
+    auto = env.get("JAXPPO_DISTRIBUTED") == "auto"
+    if coordinator is None and num_processes is None and process_id is None and not auto:
+        return
+    if jax.config.jax_platforms in (None, "", "cpu") and not auto:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
