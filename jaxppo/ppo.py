@@ -20,12 +20,13 @@ import jax.numpy as jnp
 import optax
 from flax.training.train_state import TrainState
 
+from jaxppo.kl_control import update_kl_control
 from jaxppo.losses import kl_penalty, policy_loss, value_loss
 from jaxppo.masking import masked_mean
 from jaxppo.models.config import ModelConfig
 from jaxppo.optim import accumulate_gradients, skipped_updates
 from jaxppo.ppo_config import PPOConfig
-from jaxppo.rollout import Trajectory
+from jaxppo.rollout import Trajectory, make_rollout
 from jaxppo.sequences import response_logprobs, response_values
 from jaxppo.sft import sft_nll
 from jaxppo.sharding import constrain_tree
@@ -133,3 +134,47 @@ def make_update(actor_config: ModelConfig, ppo: PPOConfig, *, critic_config: Mod
         return actor, critic, metrics
 
     return update
+
+
+def make_iteration(actor_config: ModelConfig, ppo: PPOConfig, *, critic_config: ModelConfig | None = None,
+                   reward_config: ModelConfig | None = None, reward_pooling: str = "last", score_fn=None):
+    """Jitted ``iterations(actor, critic, reference, reward, kl_state, prompts, prompt_masks, sample_keys,
+    update_keys, ptx) -> (actor, critic, kl_state, samples, metrics)``: whole PPO iterations — rollout,
+    scoring, rewards, GAE, epochs × minibatches of updates, the KL controller — as **one XLA program**
+    (the purejaxrl design); the host only logs and checkpoints.
+
+    Every per-iteration input has a leading axis K: ``prompts`` / ``prompt_masks`` ``[K, B, P]``,
+    ``sample_keys`` / ``update_keys`` ``[K]``, ``ptx`` (an SFT batch per iteration when
+    ``ppo.ptx_coef > 0``, else None) ``[K, ...]``; the K iterations are a ``lax.scan``, so K = 1 is
+    one iteration and K > 1 folds iterations between which no host work is due. Returns the states
+    after the K iterations, ``samples`` (``prompt``, ``prompt_mask``, ``response``, ``response_mask``,
+    each ``[K, B, ...]``, for host-side gold rewards) and ``metrics`` ``{name: [K]}``. Iteration k is
+    exactly :func:`jaxppo.rollout.make_rollout` then :func:`make_update` with the k-th keys, so the
+    result equals the two-function loop up to float rounding. ``actor``, ``critic`` and
+    ``kl_state`` are donated; traced once per K and shapes.
+    """
+    rollout = make_rollout(actor_config, ppo, critic_config=critic_config, reward_config=reward_config,
+                           reward_pooling=reward_pooling, score_fn=score_fn)
+    update = make_update(actor_config, ppo, critic_config=critic_config)  # both inlined into the one program
+
+    def one_iteration(carry, xs):
+        actor, critic, kl_state, reference, reward = carry
+        prompt, prompt_mask, sample_key, update_key, ptx = xs
+        traj, metrics = rollout(actor.params, None if critic is None else critic.params, reference, reward,
+                                prompt, prompt_mask, sample_key, kl_state.kl_coef)
+        actor, critic, update_metrics = update(actor, critic, traj, update_key, kl_state.kl_coef, ptx)
+        kl_state = update_kl_control(kl_state, metrics["kl"], n_steps=ppo.batch_size, target=ppo.kl_target,
+                                     horizon=ppo.kl_horizon)
+        samples = {"prompt": traj.prompt, "prompt_mask": traj.prompt_mask, "response": traj.response,
+                   "response_mask": traj.response_mask}
+        return (actor, critic, kl_state, reference, reward), (samples, {**metrics, **update_metrics})
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1, 4))
+    def iterations(actor, critic, reference, reward, kl_state, prompts, prompt_masks, sample_keys, update_keys,
+                   ptx=None):
+        carry = (actor, critic, kl_state, reference, reward)
+        (actor, critic, kl_state, _, _), (samples, metrics) = jax.lax.scan(
+            one_iteration, carry, (prompts, prompt_masks, sample_keys, update_keys, ptx))
+        return actor, critic, kl_state, samples, metrics
+
+    return iterations

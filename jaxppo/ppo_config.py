@@ -6,6 +6,7 @@ import dataclasses
 
 from jaxppo.config import require
 from jaxppo.losses import AGGREGATIONS, KL_ESTIMATORS
+from jaxppo.models.config import DTYPES
 
 CRITICS = ("separate", "shared")
 
@@ -52,10 +53,15 @@ class PPOConfig:
     critic_init: str = "reward_model"  # separate critic from "reward_model" (its head → value head) or "sft" (new head)
     ptx_coef: float = 0.0  # PPO-ptx: weight of an SFT loss on demonstrations in the actor loss; 0: off
     ref_refresh_every: int = 0  # 0: never; k: reference ← actor every k iterations
+    # execution
+    frozen_dtype: str | None = None  # reference + reward model dtype in PPO; None: the model's; bfloat16: half the memory
+    fused: bool = True  # one XLA program per iteration (ppo.make_iteration); False: jitted rollout + update (debugging)
+    iterations_per_call: int = 1  # fused: iterations folded into one call (lax.scan) when no host work falls between
 
     def __post_init__(self):
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
-        for name in ("iterations", "batch_size", "max_new_tokens", "epochs", "minibatches", "micro_batches"):
+        for name in ("iterations", "batch_size", "max_new_tokens", "epochs", "minibatches", "micro_batches",
+                     "iterations_per_call"):
             require(getattr(self, name) >= 1, f"ppo.{name}", f"must be >= 1, got {getattr(self, name)}")
         require(self.batch_size % self.minibatches == 0, "ppo.minibatches",
                 f"batch_size={self.batch_size} must be divisible by minibatches={self.minibatches}")
@@ -73,6 +79,10 @@ class PPOConfig:
         require(self.learning_rate > 0, "ppo.learning_rate", f"must be > 0, got {self.learning_rate}")
         require(self.temperature > 0, "ppo.temperature", "must be > 0 (PPO needs a stochastic policy)")
         require(self.ref_refresh_every >= 0, "ppo.ref_refresh_every", "must be >= 0")
+        require(self.frozen_dtype is None or self.frozen_dtype in DTYPES, "ppo.frozen_dtype",
+                f"{self.frozen_dtype!r} not in {DTYPES}")
+        require(self.fused or self.iterations_per_call == 1, "ppo.iterations_per_call",
+                "folding iterations into one call needs ppo.fused=True")
 
     @property
     def minibatch_size(self) -> int:

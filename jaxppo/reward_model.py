@@ -1,7 +1,9 @@
 """Reward-model training from preferences: Bradley–Terry pairs or Plackett–Luce rankings.
 
-A reward model is a trunk plus a ``reward_head``; its score of a (prompt, response) is the head at
-the last real token (:func:`jaxppo.sequences.response_scores`).
+A reward model is a trunk plus a linear ``reward_head``; its score of a (prompt, response) is the head
+of the pooled final hidden state (:func:`jaxppo.sequences.response_features`: the last real token,
+or the mean over the response). With a frozen trunk (a linear probe), :func:`fit_probe` trains the
+head on features computed once.
 
 * Pairs: ``prompt`` ``[B, P]``, ``prompt_mask``, ``chosen`` / ``rejected`` ``[B, N]`` with their masks,
   optional ``margin`` ``[B]``; loss :func:`jaxppo.losses.bradley_terry_loss`.
@@ -24,31 +26,43 @@ from flax.training.train_state import TrainState
 from jaxppo.losses import bradley_terry_loss, plackett_luce_loss
 from jaxppo.models.config import ModelConfig
 from jaxppo.optim import accumulate_gradients, skipped_updates
-from jaxppo.sequences import response_scores
+from jaxppo.models.heads import scalar_head
+from jaxppo.sequences import response_features
 from jaxppo.sharding import constrain_tree
 
 OBJECTIVES = ("bradley_terry", "plackett_luce")
 
 
-def pair_scores(config: ModelConfig, params: dict, batch: dict, *, pooling: str = "last") -> tuple[jax.Array, jax.Array]:
-    """Scores ``[B]`` of the chosen and the rejected responses, both in one forward pass."""
+def pair_features(config: ModelConfig, params: dict, batch: dict, *, pooling: str = "last") -> tuple[jax.Array, jax.Array]:
+    """Pooled features ``[B, D]`` of the chosen and the rejected responses, both in one forward pass."""
     b = batch["prompt"].shape[0]
     prompt = jnp.concatenate([batch["prompt"]] * 2)
     prompt_mask = jnp.concatenate([batch["prompt_mask"]] * 2)
     responses = jnp.concatenate([batch["chosen"], batch["rejected"]])
     masks = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]])
-    scores = response_scores(config, params, prompt, prompt_mask, responses, masks, pooling=pooling)
-    return scores[:b], scores[b:]
+    features = response_features(config, params, prompt, prompt_mask, responses, masks, pooling=pooling)
+    return features[:b], features[b:]
+
+
+def list_features(config: ModelConfig, params: dict, batch: dict, *, pooling: str = "last") -> jax.Array:
+    """Pooled features ``[B, K, D]`` of ranked lists of responses, all K in one forward pass."""
+    b, k, n = batch["responses"].shape
+    prompt = jnp.repeat(batch["prompt"], k, axis=0)
+    prompt_mask = jnp.repeat(batch["prompt_mask"], k, axis=0)
+    features = response_features(config, params, prompt, prompt_mask, batch["responses"].reshape(b * k, n),
+                                 batch["response_mask"].reshape(b * k, n), pooling=pooling)
+    return features.reshape(b, k, -1)
+
+
+def pair_scores(config: ModelConfig, params: dict, batch: dict, *, pooling: str = "last") -> tuple[jax.Array, jax.Array]:
+    """Scores ``[B]`` of the chosen and the rejected responses, both in one forward pass."""
+    chosen, rejected = pair_features(config, params, batch, pooling=pooling)
+    return scalar_head(params["reward_head"], chosen), scalar_head(params["reward_head"], rejected)
 
 
 def list_scores(config: ModelConfig, params: dict, batch: dict, *, pooling: str = "last") -> jax.Array:
     """Scores ``[B, K]`` of ranked lists of responses, all K in one forward pass."""
-    b, k, n = batch["responses"].shape
-    prompt = jnp.repeat(batch["prompt"], k, axis=0)
-    prompt_mask = jnp.repeat(batch["prompt_mask"], k, axis=0)
-    scores = response_scores(config, params, prompt, prompt_mask, batch["responses"].reshape(b * k, n),
-                             batch["response_mask"].reshape(b * k, n), pooling=pooling)
-    return scores.reshape(b, k)
+    return scalar_head(params["reward_head"], list_features(config, params, batch, pooling=pooling))
 
 
 def pair_loss(config: ModelConfig, params: dict, batch: dict, *, use_margin: bool = False, pooling: str = "last"):
@@ -100,6 +114,47 @@ def make_reward_step(config: ModelConfig, *, objective: str = "bradley_terry", u
         return state, metrics
 
     return step
+
+
+def features_of(config: ModelConfig, params: dict, batch: dict, *, objective: str = "bradley_terry",
+                pooling: str = "last") -> dict:
+    """The pooled features of a batch of preferences, as :func:`fit_probe` reads them:
+    ``{"chosen", "rejected"}`` ``[B, D]`` (and ``margin`` when the batch has one) for pairs,
+    ``{"responses"}`` ``[B, K, D]`` for ranked lists."""
+    if objective == "bradley_terry":
+        chosen, rejected = pair_features(config, params, batch, pooling=pooling)
+        return {"chosen": chosen, "rejected": rejected, **({"margin": batch["margin"]} if "margin" in batch else {})}
+    return {"responses": list_features(config, params, batch, pooling=pooling)}
+
+
+def probe_loss(head: dict, features: dict, *, objective: str = "bradley_terry", use_margin: bool = False):
+    """The reward-model loss of a linear ``head`` on cached features (:func:`features_of`)."""
+    if objective == "bradley_terry":
+        return bradley_terry_loss(scalar_head(head, features["chosen"]), scalar_head(head, features["rejected"]),
+                                  margin=features["margin"] if use_margin else None)
+    return plackett_luce_loss(scalar_head(head, features["responses"]))
+
+
+@functools.partial(jax.jit, static_argnames=("objective", "use_margin"))
+def fit_probe(state: TrainState, features: dict, rows: jax.Array, *, objective: str = "bradley_terry",
+              use_margin: bool = False) -> tuple[TrainState, dict]:
+    """Train a linear head on cached trunk features: one step per row of ``rows`` ``[S, batch]``.
+
+    ``state`` holds the head alone (``{"kernel", "bias"}``) and its optimizer. With a frozen trunk
+    this is the head-only step (:func:`make_reward_step` with ``train_trunk=False``) on the same
+    batches, to float rounding, without a forward pass through the trunk per step — the trunk's
+    features are computed once. Returns the state and the last step's metrics. One program: the
+    steps are a ``lax.scan``.
+    """
+    def step(state, batch_rows):
+        batch = jax.tree.map(lambda x: x[batch_rows], features)
+        (loss, aux), grads = jax.value_and_grad(probe_loss, has_aux=True)(state.params, batch, objective=objective,
+                                                                           use_margin=use_margin)
+        state = state.apply_gradients(grads=grads)
+        return state, {"loss": loss, "accuracy": aux["accuracy"], "grad_norm": optax.tree.norm(grads)}
+
+    state, metrics = jax.lax.scan(step, state, rows)
+    return state, jax.tree.map(lambda x: x[-1], metrics)
 
 
 def make_reward_eval(config: ModelConfig, *, objective: str = "bradley_terry", use_margin: bool = False,

@@ -22,7 +22,7 @@ from flax import struct
 
 from jaxppo.advantages import explained_variance, gae, kl_shaped_rewards, sequence_sum, whiten
 from jaxppo.masking import masked_mean
-from jaxppo.models.config import ModelConfig
+from jaxppo.models.config import ModelConfig, cast_params, with_dtype
 from jaxppo.ppo_config import PPOConfig
 from jaxppo.sampling import SamplingParams, sample
 from jaxppo.sequences import response_logprobs, response_scores, response_values
@@ -58,15 +58,19 @@ def make_rollout(
 ):
     """Jitted ``rollout(actor, critic, reference, reward, prompt, prompt_mask, key, kl_coef)``.
 
-    ``actor``/``reference``/``reward`` are params; ``critic`` is the separate critic's params or
-    None for a shared-trunk value head (``ppo.critic == "shared"``). With ``score_fn(prompt,
+    ``actor``/``reference``/``reward`` are params (the frozen two computed in ``ppo.frozen_dtype``;
+    pass them stored in it, :func:`jaxppo.models.config.cast_params`, to save memory); ``critic``
+    is the separate critic's params or None for a shared-trunk value head (``ppo.critic ==
+    "shared"``). With ``score_fn(prompt,
     prompt_mask, response, response_mask) -> [B]`` (a programmatic, verifiable reward) the score
     comes from it and ``reward`` is ignored; ``reward_pooling`` is the reward model's
     (:func:`jaxppo.sequences.response_scores`). Returns ``(Trajectory, metrics)``. Traced once per
     prompt shape.
     """
     critic_config = critic_config or actor_config
-    reward_config = reward_config or actor_config
+    # frozen roles in ppo.frozen_dtype (their params are cast here too; pass them already cast to save memory)
+    reference_config = with_dtype(actor_config, ppo.frozen_dtype)
+    reward_config = with_dtype(reward_config or actor_config, ppo.frozen_dtype)
     sampling = SamplingParams(
         max_new_tokens=ppo.max_new_tokens, temperature=ppo.temperature, top_k=ppo.top_k, top_p=ppo.top_p,
         stop_token_ids=ppo.stop_token_ids, pad_token_id=ppo.pad_token_id,
@@ -75,6 +79,7 @@ def make_rollout(
 
     @jax.jit
     def rollout(actor, critic, reference, reward, prompt, prompt_mask, key, kl_coef):
+        reference, reward = cast_params((reference, reward), ppo.frozen_dtype)
         out = sample(actor_config, actor, prompt, prompt_mask, key, sampling=sampling)
         response, mask = out.tokens, out.mask
         args = (prompt, prompt_mask, response, mask)
@@ -82,7 +87,7 @@ def make_rollout(
                                                     value_head="value_head" if shared else None)
         if not shared:
             values = response_values(critic_config, critic, *args)
-        ref_logprobs, _, _ = response_logprobs(actor_config, reference, *args, temperature=ppo.temperature)
+        ref_logprobs, _, _ = response_logprobs(reference_config, reference, *args, temperature=ppo.temperature)
         proxy = score_fn(*args) if score_fn is not None else response_scores(reward_config, reward, *args,
                                                                               pooling=reward_pooling)
         stopped = jnp.any((mask > 0) & jnp.isin(response, jnp.asarray(ppo.stop_token_ids or (-1,))), axis=1)

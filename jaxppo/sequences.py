@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxppo.models.config import ModelConfig
-from jaxppo.models.heads import chosen_logprobs, scalar_head, sequence_scores
+from jaxppo.models.heads import chosen_logprobs, last_real_index, scalar_head
 from jaxppo.models.llama import decoder_hidden
 
 Array = jax.Array
@@ -76,24 +76,35 @@ def response_values(
 POOLINGS = ("last", "mean")
 
 
+def response_features(
+    config: ModelConfig, params: dict, prompt: Array, prompt_mask: Array, response: Array, response_mask: Array,
+    *, pooling: str = "last",
+) -> Array:
+    """The pooled final hidden state ``[B, D]`` (float32) that a linear reward head reads.
+
+    ``pooling="last"``: the state at the sequence's last real token (InstructGPT). ``"mean"``: the
+    mean of the states at the response's own tokens, ``mean_t h_t`` (zeros for an empty response).
+    """
+    if pooling not in POOLINGS:
+        raise ValueError(f"response_features: `pooling`={pooling!r} is not one of {POOLINGS}")
+    tokens, mask = concat(prompt, prompt_mask, response, response_mask)
+    hidden, _ = decoder_hidden(config, params, tokens, mask)
+    hidden = hidden.astype(jnp.float32)
+    if pooling == "last":
+        return jnp.take_along_axis(hidden, last_real_index(mask)[:, None, None], axis=1)[:, 0]
+    weights = response_mask.astype(jnp.float32)[..., None]  # [B, N, 1]
+    return jnp.sum(hidden[:, prompt.shape[1]:] * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
+
+
 def response_scores(
     config: ModelConfig, params: dict, prompt: Array, prompt_mask: Array, response: Array, response_mask: Array,
     *, head: str = "reward_head", pooling: str = "last",
 ) -> Array:
-    """Reward-model score ``[B]`` of each (prompt, response).
+    """Reward-model score ``[B]`` of each (prompt, response): the linear head of :func:`response_features`.
 
-    ``pooling="last"``: the scalar head at the sequence's last real token (InstructGPT). ``"mean"``:
-    the head's mean over the response's own tokens, ``w · mean_t h_t + b`` (the head is linear), a
-    summary of the whole response rather than of the state after its stop token; an empty response
-    scores the bias.
+    ``pooling="last"``: the head at the sequence's last real token. ``"mean"``: the head's mean over
+    the response's own tokens, ``w · mean_t h_t + b`` (the head is linear), a summary of the whole
+    response rather than of the state after its stop token; an empty response scores the bias.
     """
-    if pooling not in POOLINGS:
-        raise ValueError(f"response_scores: `pooling`={pooling!r} is not one of {POOLINGS}")
-    if pooling == "last":
-        return sequence_scores(config, params, *concat(prompt, prompt_mask, response, response_mask), head=head)
-    tokens, mask = concat(prompt, prompt_mask, response, response_mask)
-    hidden, _ = decoder_hidden(config, params, tokens, mask)
-    per_token = scalar_head(params[head], hidden[:, prompt.shape[1]:])  # [B, N]
-    weights = response_mask.astype(per_token.dtype)
-    pooled = jnp.sum(per_token * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
-    return jnp.where(jnp.sum(weights, axis=1) > 0, pooled, params[head]["bias"].reshape(()).astype(pooled.dtype))
+    features = response_features(config, params, prompt, prompt_mask, response, response_mask, pooling=pooling)
+    return scalar_head(params[head], features)

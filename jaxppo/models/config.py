@@ -6,6 +6,7 @@ import dataclasses
 import math
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -206,3 +207,24 @@ class ModelConfig:
         else:
             out.update(use_sliding_window=False)
         return out
+
+
+def with_dtype(config: ModelConfig, dtype: str | None) -> ModelConfig:
+    """``config`` storing and computing in ``dtype`` (a frozen role in bfloat16: half the memory);
+    None: ``config`` as it is."""
+    if dtype is None or (config.param_dtype == dtype and config.dtype == dtype):
+        return config
+    return dataclasses.replace(config, param_dtype=dtype, dtype=dtype)
+
+
+def cast_params(params, dtype: str | None):
+    """``params`` with every floating-point array in ``dtype`` (others, and arrays already in it, as
+    they are); None: ``params`` as they are."""
+    if dtype is None:
+        return params
+    target = jnp.dtype(dtype)
+
+    def cast(x):
+        return x.astype(target) if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != target else x
+
+    return jax.tree.map(cast, params)

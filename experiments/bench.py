@@ -1,0 +1,334 @@
+"""PPO on SmolLM2-135M-Instruct: jaxppo against TRL 1.12's PPOTrainer and transformers ``generate``, one run.
+
+    make bench                                   # sets up both venvs, then runs this
+    python -m experiments.bench [--iterations 4] [--epochs 1 4] [--out FILE.json] [--trl-python PY]
+
+The work (identical on both sides): 16 chat prompts ("Write one sentence about <topic>.", ≤ 64
+tokens, left-padded), 64 new tokens per prompt at temperature 0.7 with no stop token (every
+response has exactly 64 tokens, so both sides do the same arithmetic), actor + separate critic +
+frozen reference + frozen reward model (SmolLM2 trunk + scalar head), k1 KL in the reward (β 0.05),
+GAE (γ 1, λ 0.95), one minibatch of 16 per epoch, and one or four PPO epochs; fp32 everywhere.
+
+Reported, per epochs setting:
+* seconds per PPO iteration — jaxppo's fused iteration (``ppo.make_iteration``: one XLA program)
+  and TRL's ``PPOTrainer`` step (median over the iterations after a warm-up);
+* rollout tokens/s — jaxppo's jitted rollout (sampling + the four scoring passes + GAE), and its
+  sampler alone against ``transformers`` ``generate`` (KV cache, same prompts, 64 tokens forced);
+* update tokens/s and MFU — model FLOPs of the update (actor and critic forward + backward over
+  epochs × 16 × (P + 64) tokens, counted analytically and checked against XLA's cost analysis)
+  per second, over the fp32 matmul peak measured at the start of this run;
+* compile seconds, compilations per jitted function (each must be 1), peak RSS of each process.
+
+The JSON (``--out``) has at least ``jaxppo_seconds_per_iteration``, ``trl_seconds_per_iteration``,
+``jaxppo_rollout_tokens_per_s``, ``hf_generate_tokens_per_s``, ``update_mfu`` and
+``compiles_per_function`` (for the first epochs setting; every setting is under ``settings``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.bench_sampling import make_prompts
+from jaxppo.kl_control import init_kl_control
+from jaxppo.models.config import ModelConfig
+from jaxppo.models.heads import init_scalar_head
+from jaxppo.optim import create_train_state, make_optimizer
+from jaxppo.ppo import make_iteration, make_update
+from jaxppo.ppo_config import PPOConfig
+from jaxppo.rollout import make_rollout
+from jaxppo.sampling import SamplingParams, make_sampler
+from jaxppo.weights import load_pretrained
+from jaxppo.weights.gguf import smollm2_gguf_path
+from jaxppo.weights.hf import save_pretrained
+
+ROOT = Path(__file__).resolve().parent.parent
+BATCH, NEW_TOKENS, TEMPERATURE = 16, 64, 0.7
+
+
+def timed(fn, repeats: int) -> tuple[float, list[float]]:
+    """Seconds of the first call (compile + run) and of ``repeats`` more calls."""
+    start = time.perf_counter()
+    fn()
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return first, times
+
+
+def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
+    """Achieved FLOP/s of a jitted fp32 ``n × n`` matmul: the machine's practical peak."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    mm = jax.jit(jnp.matmul)
+    _, times = timed(lambda: mm(a, b).block_until_ready(), repeats)
+    return 2 * n**3 / min(times)
+
+
+def forward_flops(config: ModelConfig, tokens: int, length: int, *, lm_head_tokens: int = 0) -> float:
+    """Matmul FLOPs of a forward pass over ``tokens`` tokens in sequences of ``length``: 2 × weights
+    per token for the projections and MLP, 4 × length × heads × head_dim per token and layer for
+    the (dense) attention scores and mix, and 2 × d × V for each of the ``lm_head_tokens`` tokens
+    whose logits are computed (PPO needs them at the response positions only)."""
+    d, h, kv, hd = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+    per_layer = 2 * (d * h * hd + 2 * d * kv * hd + h * hd * d + 3 * d * config.intermediate_size)
+    per_layer += 4 * length * h * hd
+    return tokens * config.num_layers * per_layer + lm_head_tokens * 2 * d * config.vocab_size
+
+
+def update_flops(config: ModelConfig, *, epochs: int, batch: int, prompt_len: int, new_tokens: int) -> float:
+    """Model FLOPs of one PPO update: epochs × (actor + critic) × 3 × forward (backward = 2 × forward)."""
+    length = prompt_len + new_tokens
+    actor = forward_flops(config, batch * length, length, lm_head_tokens=batch * new_tokens)
+    critic = forward_flops(config, batch * length, length)
+    return epochs * 3 * (actor + critic)
+
+
+def flops_check(config, params, reward, traj, ppo) -> dict:
+    """The analytic update FLOPs against XLA's cost analysis of the compiled update, on a one-layer
+    copy of the model (the cost analysis counts a loop body once: the decoder layers are a
+    ``lax.scan``, so only with one layer, one epoch and one minibatch is every loop run once)."""
+    one = dataclasses.replace(config, num_layers=1)
+    first = lambda p: {**p, "layers": jax.tree.map(lambda x: x[:1], p["layers"])}  # noqa: E731
+    tx = make_optimizer(learning_rate=ppo.learning_rate)
+    actor = create_train_state(first(params), tx)
+    critic = create_train_state({**first({k: v for k, v in reward.items() if k != "reward_head"}),
+                                 "value_head": reward["reward_head"]}, tx)
+    update = make_update(one, ppo)
+    compiled = update.lower(actor, critic, traj, jax.random.key(0), 0.05, None).compile()
+    xla = float(compiled.cost_analysis()["flops"])
+    batch, new_tokens = traj.response.shape
+    analytic = update_flops(one, epochs=ppo.epochs, batch=batch, prompt_len=traj.prompt.shape[1], new_tokens=new_tokens)
+    return {"analytic": analytic, "xla": xla, "ratio": xla / analytic}
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bench_jaxppo(config, params, tokens, mask, epochs: int, iterations: int, peak: float) -> dict:
+    ppo = PPOConfig(iterations=iterations, batch_size=BATCH, minibatches=1, epochs=epochs, max_new_tokens=NEW_TOKENS,
+                    temperature=TEMPERATURE, stop_token_ids=(), pad_token_id=0, missing_eos_penalty=0.0,
+                    kl_coef=0.05, kl_estimator="k1", clip_eps=0.2, value_clip_eps=0.2, vf_coef=0.1, gamma=1.0,
+                    lam=0.95, learning_rate=1e-6, critic="separate")
+    trunk = {k: v for k, v in params.items() if k != "lm_head"}
+    reward = {**trunk, "reward_head": init_scalar_head(config, jax.random.key(1), "reward_head")}
+    copy = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731  (states are donated)
+    tx = make_optimizer(learning_rate=ppo.learning_rate, max_grad_norm=ppo.max_grad_norm)
+    actor = create_train_state(copy(params), tx)
+    critic = create_train_state({**copy(trunk), "value_head": copy(reward["reward_head"])}, tx)
+    kl = init_kl_control(kl_coef=ppo.kl_coef)
+    prompt, prompt_mask = jnp.asarray(tokens)[None], jnp.asarray(mask)[None]
+    length = tokens.shape[1] + NEW_TOKENS
+
+    # fused: the whole iteration is one XLA program
+    iteration = make_iteration(config, ppo)
+    state = {"actor": actor, "critic": critic, "kl": kl}
+    step = iter(range(10_000))
+
+    def run_iteration():
+        i = next(step)
+        a, c, k, samples, metrics = iteration(state["actor"], state["critic"], params, reward, state["kl"],
+                                              prompt, prompt_mask, jax.random.key(i)[None],
+                                              jax.random.key(1000 + i)[None])
+        jax.block_until_ready((a, metrics))
+        state.update(actor=a, critic=c, kl=k)
+        assert int(samples["response_mask"].sum()) == BATCH * NEW_TOKENS
+
+    first, times = timed(run_iteration, iterations - 1)
+    seconds = statistics.median(times)
+
+    # the two-function form, to time rollout and update apart
+    rollout, update = make_rollout(config, ppo), make_update(config, ppo)
+    holder = {}
+
+    def run_rollout():
+        holder["traj"], m = rollout(state["actor"].params, state["critic"].params, params, reward, prompt[0],
+                                    prompt_mask[0], jax.random.key(next(step)), state["kl"].kl_coef)
+        jax.block_until_ready(holder["traj"])
+
+    def run_update():
+        a, c, m = update(state["actor"], state["critic"], holder["traj"], jax.random.key(next(step)),
+                         state["kl"].kl_coef, None)
+        jax.block_until_ready((a, m))
+        state.update(actor=a, critic=c)
+
+    rollout_first, rollout_times = timed(run_rollout, iterations - 1)
+    update_first, update_times = timed(run_update, iterations - 1)
+    rollout_s, update_s = statistics.median(rollout_times), statistics.median(update_times)
+
+    sampler = make_sampler(config, SamplingParams(max_new_tokens=NEW_TOKENS, temperature=TEMPERATURE, pad_token_id=0))
+    sampler_first, sampler_times = timed(
+        lambda: jax.block_until_ready(sampler(params, prompt[0], prompt_mask[0], jax.random.key(next(step))).tokens),
+        iterations - 1)
+
+    flops = update_flops(config, epochs=epochs, batch=BATCH, prompt_len=tokens.shape[1], new_tokens=NEW_TOKENS)
+    check = flops_check(config, params, reward, holder["traj"], ppo) if epochs == 1 else None
+    memory = iteration.lower(state["actor"], state["critic"], params, reward, state["kl"], prompt, prompt_mask,
+                             jax.random.key(0)[None], jax.random.key(1)[None]).compile().memory_analysis()
+    return {
+        "epochs": epochs, "prompt_length": int(tokens.shape[1]),
+        "seconds_per_iteration": seconds, "iteration_times": times, "compile_seconds": first - seconds,
+        "rollout_seconds": rollout_s, "rollout_tokens_per_s": BATCH * NEW_TOKENS / rollout_s,
+        "rollout_compile_seconds": rollout_first - rollout_s,
+        "sampler_tokens_per_s": BATCH * NEW_TOKENS / statistics.median(sampler_times),
+        "update_seconds": update_s, "update_tokens_per_s": epochs * BATCH * length / update_s,
+        "update_compile_seconds": update_first - update_s,
+        "update_model_flops": flops, "flops_check_one_layer": check,
+        "update_flops_per_s": flops / update_s, "update_mfu": flops / update_s / peak,
+        "compiles_per_function": {"iteration": iteration._cache_size(), "rollout": rollout._cache_size(),
+                                  "update": update._cache_size(), "sampler": sampler._cache_size()},
+        "xla_temp_mib": memory.temp_size_in_bytes / 2**20, "xla_argument_mib": memory.argument_size_in_bytes / 2**20,
+        "peak_rss_mib": peak_rss_mib(),
+    }
+
+
+def bench_hf_generate(tokens, mask, pad_token_id: int, repeats: int) -> dict:
+    import torch
+    import transformers
+
+    path = smollm2_gguf_path()
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                              dtype=torch.float32).eval()
+    tt, tm = torch.tensor(tokens, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
+
+    def run():
+        with torch.no_grad():
+            out = model.generate(tt, attention_mask=tm, do_sample=True, temperature=TEMPERATURE, top_k=0, top_p=1.0,
+                                 max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, pad_token_id=pad_token_id,
+                                 use_cache=True)
+        assert out.shape[1] - tokens.shape[1] == NEW_TOKENS
+
+    first, times = timed(run, repeats)
+    return {"tokens_per_s": BATCH * NEW_TOKENS / statistics.median(times), "torch_threads": torch.get_num_threads(),
+            "torch_version": torch.__version__, "transformers_version": transformers.__version__}
+
+
+def bench_trl(python: str, model_dir: Path, prompts_file: Path, epochs: int, iterations: int) -> dict:
+    out = Path(tempfile.mkdtemp(prefix="jaxppo-bench-")) / f"trl_{epochs}.json"
+    cmd = [python, str(ROOT / "experiments" / "bench_trl.py"), "--model", str(model_dir), "--prompts",
+           str(prompts_file), "--epochs", str(epochs), "--iterations", str(iterations), "--new-tokens",
+           str(NEW_TOKENS), "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"TRL benchmark failed ({' '.join(cmd)}):\n{proc.stderr[-4000:]}")
+    return json.loads(out.read_text())
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--iterations", type=int, default=3, help="PPO iterations per side; the first warms up")
+    parser.add_argument("--epochs", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--trl-python", default=str(ROOT / ".venv-bench" / "bin" / "python"),
+                        help="python of the venv with torch==2.13.0 and trl==1.12.0 (made by `make bench`)")
+    parser.add_argument("--skip-trl", action="store_true", help="jaxppo and transformers generate only")
+    parser.add_argument("--out", help="write the figures as JSON here")
+    args = parser.parse_args(argv)
+    if args.iterations < 2:
+        parser.error("--iterations must be >= 2 (the first one warms up)")
+
+    peak = matmul_peak()
+    config, params, tokenizer = load_pretrained(smollm2_gguf_path())
+    tokens, mask = make_prompts(tokenizer, BATCH)
+    print(f"SmolLM2-135M-Instruct fp32 · {BATCH} prompts × ≤ {tokens.shape[1]} tokens · {NEW_TOKENS} new tokens · "
+          f"T {TEMPERATURE} · {platform.processor() or platform.machine()}, {os.cpu_count()} cores · "
+          f"jax {jax.__version__} on {jax.devices()[0].platform} · measured fp32 matmul peak {peak / 1e9:.0f} GFLOP/s",
+          flush=True)
+    settings = {}
+    for epochs in args.epochs:
+        settings[epochs] = {"jaxppo": bench_jaxppo(config, params, tokens, mask, epochs, args.iterations, peak)}
+        print(f"jaxppo, {epochs} epoch(s): {settings[epochs]['jaxppo']['seconds_per_iteration']:.2f} s/iteration",
+              flush=True)
+    jax_rss = peak_rss_mib()
+    hf = bench_hf_generate(tokens, mask, tokenizer.pad_token_id, args.iterations - 1)
+    if not args.skip_trl:
+        with tempfile.TemporaryDirectory(prefix="jaxppo-bench-") as tmp:
+            model_dir = save_pretrained(Path(tmp) / "smollm2", config, params, tokenizer)
+            prompts_file = Path(tmp) / "prompts.json"
+            prompts_file.write_text(json.dumps([row[m > 0].tolist() for row, m in zip(tokens, mask)]))
+            for epochs in args.epochs:
+                settings[epochs]["trl"] = bench_trl(args.trl_python, model_dir, prompts_file, epochs, args.iterations)
+                print(f"TRL, {epochs} epoch(s): {settings[epochs]['trl']['seconds_per_iteration']:.2f} s/iteration",
+                      flush=True)
+
+    print_table(settings, hf, peak, jax_rss)
+    first = settings[args.epochs[0]]
+    result = {
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                    "platform": jax.devices()[0].platform, "jax_version": jax.__version__},
+        "matmul_peak_flops_per_s": peak,
+        "jaxppo_seconds_per_iteration": first["jaxppo"]["seconds_per_iteration"],
+        "trl_seconds_per_iteration": first["trl"]["seconds_per_iteration"] if "trl" in first else None,
+        "jaxppo_rollout_tokens_per_s": first["jaxppo"]["rollout_tokens_per_s"],
+        "jaxppo_sampler_tokens_per_s": first["jaxppo"]["sampler_tokens_per_s"],
+        "hf_generate_tokens_per_s": hf["tokens_per_s"],
+        "update_mfu": first["jaxppo"]["update_mfu"],
+        "compiles_per_function": first["jaxppo"]["compiles_per_function"],
+        "jaxppo_peak_rss_mib": jax_rss,
+        "hf_generate": hf,
+        "settings": {str(k): v for k, v in settings.items()},
+    }
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return result
+
+
+def print_table(settings: dict, hf: dict, peak: float, jax_rss: float) -> None:
+    rows = []
+    for epochs, s in settings.items():
+        j, t = s["jaxppo"], s.get("trl")
+        ratio = lambda a, b: f"{a / b:.2f}x" if b else "-"  # noqa: E731
+        rows.append((f"s / PPO iteration, {epochs} epoch(s)", f"{j['seconds_per_iteration']:.2f}",
+                     f"{t['seconds_per_iteration']:.2f}" if t else "-",
+                     ratio(t["seconds_per_iteration"], j["seconds_per_iteration"]) if t else "-", "TRL / jaxppo ≥ 2x"))
+        if t:
+            trl_gen = BATCH * NEW_TOKENS / t["generation_seconds_median"]
+            rows.append((f"rollout tokens/s, {epochs} ep (jaxppo rollout | TRL generation)",
+                         f"{j['rollout_tokens_per_s']:.0f}", f"{trl_gen:.0f}", ratio(j["rollout_tokens_per_s"], trl_gen),
+                         ""))
+        rows.append((f"update tokens/s, {epochs} epoch(s)", f"{j['update_tokens_per_s']:.0f}", "", "", ""))
+        rows.append((f"update MFU, {epochs} epoch(s) ({j['update_flops_per_s'] / 1e9:.0f} GFLOP/s)",
+                     f"{100 * j['update_mfu']:.1f}%", "", "", "≥ 50%"))
+        rows.append((f"compile s, {epochs} ep (iteration | rollout | update)",
+                     f"{j['compile_seconds']:.1f} | {j['rollout_compile_seconds']:.1f} | "
+                     f"{j['update_compile_seconds']:.1f}", "", "", ""))
+        rows.append((f"compilations per function, {epochs} ep",
+                     " ".join(f"{k}={v}" for k, v in j["compiles_per_function"].items()), "", "", "each = 1"))
+        if t:
+            rows.append((f"peak RSS MiB, {epochs} ep", f"{jax_rss:.0f}", f"{t['peak_rss_mib']:.0f}", "", ""))
+    j = next(iter(settings.values()))["jaxppo"]
+    rows.append(("sampler tokens/s (jaxppo | transformers generate)", f"{j['sampler_tokens_per_s']:.0f}",
+                 f"{hf['tokens_per_s']:.0f}", f"{j['sampler_tokens_per_s'] / hf['tokens_per_s']:.2f}x", "≥ 2x"))
+    rows.append(("jaxppo rollout tokens/s vs transformers generate", f"{j['rollout_tokens_per_s']:.0f}",
+                 f"{hf['tokens_per_s']:.0f}", f"{j['rollout_tokens_per_s'] / hf['tokens_per_s']:.2f}x", "≥ 2x"))
+    check = j.get("flops_check_one_layer")
+    if check:
+        rows.append(("update FLOPs of a 1-layer copy (analytic | XLA cost analysis)", f"{check['analytic'] / 1e9:.2f} G",
+                     f"{check['xla'] / 1e9:.2f} G", f"{check['ratio']:.2f}x", "≈ 1"))
+    width = max(len(r[0]) for r in rows)
+    print(f"\n{'':<{width}}  {'jaxppo':>22}  {'peer':>10}  {'ratio':>7}  goal")
+    for name, a, b, r, goal in rows:
+        print(f"{name:<{width}}  {a:>22}  {b:>10}  {r:>7}  {goal}")
+    print(f"(matmul peak {peak / 1e9:.0f} GFLOP/s fp32; peer = TRL 1.12 PPOTrainer, or transformers generate)")
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
