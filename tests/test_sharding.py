@@ -22,25 +22,19 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxppo.checkpoint import StageCheckpoints
-from jaxppo.models.config import ModelConfig
 from jaxppo.models.heads import init_params, init_scalar_head
 from jaxppo.optim import create_train_state, make_optimizer
 from jaxppo.ppo import make_update
-from jaxppo.ppo_config import PPOConfig
 from jaxppo.rollout import make_rollout
 from jaxppo.sharding import (
     KV_CACHE_SPEC, MeshConfig, batch_spec, init_sharded, make_mesh, param_bytes_per_device, shard_batch, shard_tree,
     spec_for,
 )
-from jaxppo.toy_task import EOS, PAD, ToyTaskConfig, gold_reward, sample_prompts
+from jaxppo.toy_task import EOS, PAD, gold_reward, sample_prompts
+
+from distributed_worker import MODEL, PPO, TASK  # the two-process worker runs the same tiny setup
 
 ROOT = Path(__file__).resolve().parent.parent
-TASK = ToyTaskConfig(num_topics=2, words_per_topic=4, context_words=1, max_response_tokens=6, demo_min_words=1,
-                     demo_max_words=4)
-MODEL = ModelConfig(vocab_size=TASK.vocab_size, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                    num_kv_heads=2, head_dim=8, max_position_embeddings=32, tie_word_embeddings=False)
-PPO = PPOConfig(batch_size=16, minibatches=2, epochs=2, max_new_tokens=TASK.max_response_tokens, stop_token_ids=(EOS,),
-                pad_token_id=PAD, learning_rate=1e-3, kl_coef=0.05)
 LAYOUTS = {
     "data": MeshConfig(data=8, fsdp=1, tensor=1),
     "fsdp": MeshConfig(data=1, fsdp=8, tensor=1),
