@@ -24,6 +24,8 @@ class PPOConfig:
     top_p: float = 1.0  # nucleus sampling mass in (0, 1]; 1: off
     stop_token_ids: tuple[int, ...] = ()  # a response ends with (and keeps) any of these; (): none (pipeline: the task's EOS)
     pad_token_id: int = 0  # fills a response after its stop token (masked out)
+    sampler_logprobs: bool = False  # old log-probs from the sampler (KV-cache logits): one actor forward pass fewer
+    score_micro_batches: int = 1  # the rollout's scoring passes run over this many slices of the batch, in turn
     missing_eos_penalty: float = 1.0  # subtracted from the score of a response that never emitted a stop token
     # rewards and advantages
     kl_coef: float = 0.05  # β >= 0: weight of the KL to the reference policy (initial β when adaptive)
@@ -61,13 +63,15 @@ class PPOConfig:
     def __post_init__(self):
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         for name in ("iterations", "batch_size", "max_new_tokens", "epochs", "minibatches", "micro_batches",
-                     "iterations_per_call"):
+                     "iterations_per_call", "score_micro_batches"):
             require(getattr(self, name) >= 1, f"ppo.{name}", f"must be >= 1, got {getattr(self, name)}")
         require(self.batch_size % self.minibatches == 0, "ppo.minibatches",
                 f"batch_size={self.batch_size} must be divisible by minibatches={self.minibatches}")
         minibatch = self.batch_size // self.minibatches
         require(minibatch % self.micro_batches == 0, "ppo.micro_batches",
                 f"the minibatch size {minibatch} must be divisible by micro_batches={self.micro_batches}")
+        require(self.batch_size % self.score_micro_batches == 0, "ppo.score_micro_batches",
+                f"batch_size={self.batch_size} must be divisible by score_micro_batches={self.score_micro_batches}")
         require(self.kl_estimator in KL_ESTIMATORS, "ppo.kl_estimator", f"{self.kl_estimator!r} not in {KL_ESTIMATORS}")
         require(self.aggregation in AGGREGATIONS, "ppo.aggregation", f"{self.aggregation!r} not in {AGGREGATIONS}")
         require(self.critic in CRITICS, "ppo.critic", f"{self.critic!r} not in {CRITICS}")

@@ -5,13 +5,19 @@ pipeline, Ziegler et al. 2019):
 
 1. sample responses from the actor (:mod:`jaxppo.sampling`);
 2. one forward pass of the actor over prompt + response gives the old log-probs (at the sampling
-   temperature) — and the values, for a shared-trunk critic; a separate critic does its own pass;
+   temperature) — and the values, for a shared-trunk critic; a separate critic does its own pass.
+   With ``ppo.sampler_logprobs`` the old log-probs are the sampler's own (the same
+   log-softmax at the same temperature, from the KV-cache logits: equal to the forward pass up to
+   float rounding, ~1e-6) and a separate critic's rollout skips the actor's pass;
 3. the frozen reference gives the reference log-probs (same temperature), the frozen reward model
    the score at the last response token; a response that never stopped loses
    ``missing_eos_penalty``;
 4. per-token rewards −β·KL_t plus the score at the last token (:func:`~jaxppo.advantages.kl_shaped_rewards`),
    optionally whitened without shifting their mean;
 5. GAE by reverse scan, then optional advantage whitening.
+
+The scoring passes (2–3) can run over ``ppo.score_micro_batches`` slices of the batch in turn
+(:func:`micro_batched`): the same values, a fraction of the activation memory.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from flax import struct
 from jaxppo.advantages import explained_variance, gae, kl_shaped_rewards, sequence_sum, whiten
 from jaxppo.masking import masked_mean
 from jaxppo.models.config import ModelConfig, cast_params, with_dtype
+from jaxppo.optim import split_micro_batches
 from jaxppo.ppo_config import PPOConfig
 from jaxppo.sampling import SamplingParams, sample
 from jaxppo.sequences import response_logprobs, response_scores, response_values
@@ -45,6 +52,16 @@ class Trajectory(struct.PyTreeNode):
     kl: Array  # per-token KL estimate to the reference
     advantages: Array
     returns: Array
+
+
+def micro_batched(fn, batch, micro_batches: int):
+    """``fn(batch)`` computed over ``micro_batches`` equal slices of the leading (batch) axis, one
+    after another (``lax.map``), and concatenated: the same values, 1/``micro_batches`` of the
+    activation memory. ``batch`` and ``fn``'s output are pytrees of ``[B, ...]`` arrays."""
+    if micro_batches == 1:
+        return fn(batch)
+    out = jax.lax.map(fn, split_micro_batches(batch, micro_batches))
+    return jax.tree.map(lambda x: x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]), out)
 
 
 def make_rollout(
@@ -83,13 +100,22 @@ def make_rollout(
         out = sample(actor_config, actor, prompt, prompt_mask, key, sampling=sampling)
         response, mask = out.tokens, out.mask
         args = (prompt, prompt_mask, response, mask)
-        old_logprobs, values, _ = response_logprobs(actor_config, actor, *args, temperature=ppo.temperature,
-                                                    value_head="value_head" if shared else None)
-        if not shared:
-            values = response_values(critic_config, critic, *args)
-        ref_logprobs, _, _ = response_logprobs(reference_config, reference, *args, temperature=ppo.temperature)
-        proxy = score_fn(*args) if score_fn is not None else response_scores(reward_config, reward, *args,
-                                                                              pooling=reward_pooling)
+
+        def score(args):  # the scoring passes over (a micro-batch of) the episodes
+            logprobs, values = None, None
+            if shared or not ppo.sampler_logprobs:
+                logprobs, values, _ = response_logprobs(actor_config, actor, *args, temperature=ppo.temperature,
+                                                        value_head="value_head" if shared else None)
+            if not shared:
+                values = response_values(critic_config, critic, *args)
+            ref_logprobs, _, _ = response_logprobs(reference_config, reference, *args, temperature=ppo.temperature)
+            proxy = score_fn(*args) if score_fn is not None else response_scores(reward_config, reward, *args,
+                                                                                  pooling=reward_pooling)
+            return logprobs, values, ref_logprobs, proxy
+
+        old_logprobs, values, ref_logprobs, proxy = micro_batched(score, args, ppo.score_micro_batches)
+        if ppo.sampler_logprobs:
+            old_logprobs = out.logprobs
         stopped = jnp.any((mask > 0) & jnp.isin(response, jnp.asarray(ppo.stop_token_ids or (-1,))), axis=1)
         scores = jnp.where(stopped, proxy, proxy - ppo.missing_eos_penalty)
         beta = kl_coef if ppo.kl_in_reward else 0.0

@@ -92,7 +92,7 @@ def _load_model(config: PipelineConfig):
 
     m = config.model
     loaded, params, tokenizer = load_pretrained(config.pretrained, param_dtype=m.param_dtype, dtype=m.dtype,
-                                                remat=m.remat)
+                                                remat=m.remat, remat_policy=m.remat_policy)
     for field in dataclasses.fields(m):
         if getattr(loaded, field.name) != getattr(m, field.name):
             raise ValueError(f"config field `model.{field.name}`: {getattr(m, field.name)!r} does not match the "

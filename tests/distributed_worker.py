@@ -2,8 +2,10 @@
 
     python tests/distributed_worker.py --out FILE [--coordinator HOST:PORT --num-processes N --process-id I]
 
-On a ``data=2 × fsdp=2`` mesh over all devices of all processes: one SFT step and one PPO iteration
-(rollout → update) of a tiny model from fixed keys; writes the losses and parameter checksums as JSON.
+On an FSDP mesh over all devices of all processes (the test gives each of the two processes one
+CPU device, as on real hosts, and the single-process reference two): one SFT step and one PPO
+iteration (rollout → update) of a tiny model from fixed keys; writes the losses and parameter
+checksums as JSON.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ def main() -> None:
     parser.add_argument("--process-id", type=int)
     args = parser.parse_args()
     initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=1))
+    mesh = make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1))
     tx = make_optimizer(learning_rate=1e-3)
     values = {}
     with jax.set_mesh(mesh):

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
+import pytest
 
 from experiments.bench import flops_check, forward_flops
 from jaxppo.models.config import ModelConfig
@@ -22,14 +25,17 @@ def test_forward_flops_counts_every_matmul():
     assert forward_flops(MODEL, 3, 10) == 3 * 2 * per_layer
 
 
-def test_analytic_update_flops_match_xla_cost_analysis():
+@pytest.mark.parametrize("remat", [False, True])
+def test_analytic_update_flops_match_xla_cost_analysis(remat):
+    """Also under the benchmark's ``remat_policy="dots"``: it recomputes no matmul."""
+    model = dataclasses.replace(MODEL, remat=remat, remat_policy="dots")
     ppo = PPOConfig(batch_size=8, minibatches=1, epochs=1, max_new_tokens=16, stop_token_ids=(), temperature=0.7,
                     critic="separate")
-    params = init_params(MODEL, jax.random.key(0))
-    reward = {**params, "reward_head": init_scalar_head(MODEL, jax.random.key(1), "reward_head")}
-    prompt = jax.random.randint(jax.random.key(2), (8, 16), 0, MODEL.vocab_size)
-    traj, _ = make_rollout(MODEL, ppo)(params, {**params, "value_head": reward["reward_head"]}, params, reward,
+    params = init_params(model, jax.random.key(0))
+    reward = {**params, "reward_head": init_scalar_head(model, jax.random.key(1), "reward_head")}
+    prompt = jax.random.randint(jax.random.key(2), (8, 16), 0, model.vocab_size)
+    traj, _ = make_rollout(model, ppo)(params, {**params, "value_head": reward["reward_head"]}, params, reward,
                                        prompt, jnp.ones_like(prompt), jax.random.key(3), 0.05)
-    check = flops_check(MODEL, params, reward, traj, ppo)
+    check = flops_check(model, params, reward, traj, ppo)
     # XLA also counts the element-wise work (norms, softmax, Adam): a few per cent more here
     assert 1.0 <= check["ratio"] < 1.1, check

@@ -128,10 +128,14 @@ def test_remat_and_dtypes():
 
     grad = jax.jit(jax.value_and_grad(loss, argnums=1), static_argnums=0)
 
-    remat = ModelConfig(**{**config.__dict__, "remat": True})
-    (l1, g1), (l2, g2) = grad(config, params), grad(remat, params)
-    np.testing.assert_allclose(l1, l2, rtol=1e-5, atol=1e-7)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g1, g2)
+    l1, g1 = grad(config, params)
+    for policy in ("nothing", "dots"):
+        remat = ModelConfig(**{**config.__dict__, "remat": True, "remat_policy": policy})
+        l2, g2 = grad(remat, params)
+        np.testing.assert_allclose(l1, l2, rtol=1e-5, atol=1e-7)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g1, g2)
+    with pytest.raises(ValueError, match="remat_policy"):
+        ModelConfig(**{**config.__dict__, "remat_policy": "everything"})
 
     bf16 = ModelConfig(**{**config.__dict__, "param_dtype": "bfloat16", "dtype": "bfloat16"})
     bf16_params = init_params(bf16, jax.random.key(0))

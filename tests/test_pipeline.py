@@ -76,6 +76,39 @@ def test_update_recomputes_old_logprobs_and_decreases_the_surrogate():
     assert after < before - 1e-3
 
 
+def test_sampler_logprobs_replace_the_actor_pass_up_to_rounding():
+    """``ppo.sampler_logprobs``: one forward pass fewer in the compiled rollout, same tokens, old
+    log-probs within float rounding of the forward pass, and everything downstream follows them."""
+    actor, critic, ref, traj, rollout, _ = setup()
+    _, _, _, fast, fast_rollout, _ = setup(dataclasses.replace(PPO, sampler_logprobs=True))
+    args = (actor.params, critic.params, ref, None, traj.prompt, traj.prompt_mask, jax.random.key(0), 0.05)
+    passes = [r.lower(*args).as_text().count("stablehlo.while") for r in (rollout, fast_rollout)]
+    assert passes[1] == passes[0] - 2, passes  # the actor pass: its layer scan and its chunked log-softmax
+    np.testing.assert_array_equal(np.asarray(fast.response), np.asarray(traj.response))
+    mask = np.asarray(traj.response_mask) > 0
+    gap = np.abs(np.asarray(fast.old_logprobs) - np.asarray(traj.old_logprobs))[mask]
+    assert gap.max() < 1e-5, gap.max()
+    assert np.all(np.asarray(fast.old_logprobs)[~mask] == 0)
+    for name in ("ref_logprobs", "old_values", "scores"):
+        np.testing.assert_array_equal(np.asarray(getattr(fast, name)), np.asarray(getattr(traj, name)), err_msg=name)
+    np.testing.assert_allclose(np.asarray(fast.kl), np.asarray(traj.kl), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(fast.advantages), np.asarray(traj.advantages), atol=1e-4)
+
+
+def test_micro_batched_scoring_gives_the_same_trajectory_in_less_memory():
+    actor, critic, ref, traj, rollout, _ = setup()
+    ppo = dataclasses.replace(PPO, score_micro_batches=4)
+    _, _, _, micro, micro_rollout, _ = setup(ppo)
+    for name in ("response", "response_mask", "old_logprobs", "ref_logprobs", "old_values", "scores", "advantages"):
+        np.testing.assert_allclose(np.asarray(getattr(micro, name)), np.asarray(getattr(traj, name)), atol=1e-5,
+                                   err_msg=name)
+    args = (actor.params, critic.params, ref, None, traj.prompt, traj.prompt_mask, jax.random.key(0), 0.05)
+    temp = [r.lower(*args).compile().memory_analysis().temp_size_in_bytes for r in (rollout, micro_rollout)]
+    assert temp[1] < temp[0], temp
+    with pytest.raises(ValueError, match="ppo.score_micro_batches"):
+        dataclasses.replace(PPO, score_micro_batches=3)
+
+
 def test_tiny_clip_barely_moves_the_policy():
     # Plain SGD: once every ratio leaves [1 − ε, 1 + ε] the gradient is zero and so is the step
     # (Adam's momentum would keep drifting, which is Adam, not the clip).

@@ -194,7 +194,7 @@ def _free_port() -> int:
 def _run_two_processes(worker: Path, env: dict, out: Path) -> list[int]:
     """Two worker processes with a local coordinator; each logs to its own file (a pipe nobody
     reads while we wait on the other process could fill up and block the writer)."""
-    out.mkdir()
+    out.mkdir(exist_ok=True)
     port = _free_port()
     logs = [open(out / f"p{i}.log", "w") for i in range(2)]
     procs = [subprocess.Popen([sys.executable, str(worker), "--out", str(out / f"p{i}.json"),
@@ -214,25 +214,20 @@ def _run_two_processes(worker: Path, env: dict, out: Path) -> list[int]:
 
 
 def test_two_processes_agree_with_one(tmp_path):
-    """Two processes on localhost (2 CPU devices each, gloo collectives) run an SFT step and a PPO
-    iteration on a data × fsdp mesh over their 4 devices; process 0's numbers equal one process's."""
+    """Two processes on localhost (one CPU device each, gloo collectives) run an SFT step and a PPO
+    iteration with parameters, optimizer states and batches FSDP-sharded over both; their numbers
+    equal one process's on two devices."""
     worker = ROOT / "tests" / "distributed_worker.py"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": str(ROOT)}
-    # Gloo collectives between two CPU processes on this 2-core box fail now and then (a transport
-    # size mismatch, or a missed heartbeat at shutdown; ~40% of runs in Nov 2026, cause not found):
-    # up to 5 attempts, every failed attempt's log kept in the message if all fail.
-    failures = []
-    for attempt in range(5):
-        codes = _run_two_processes(worker, env, tmp_path / f"attempt{attempt}")
-        if codes == [0, 0]:
-            break
-        failures.append(f"attempt {attempt}: return codes {codes}\n"
-                        + (tmp_path / f"attempt{attempt}" / "p0.log").read_text()[-1500:])
-    else:
-        raise AssertionError("\n".join(failures))
-    tmp_path = tmp_path / f"attempt{attempt}"
-    single_env = {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    # One device per process, as on real hosts. With two per process XLA:CPU also runs the
+    # collectives between a process's own devices through gloo, and about 1 run in 8 (more under
+    # load) died on a gloo message-size mismatch; one device per process ran clean (see the note
+    # in distributed_worker's history: 0 failures in 20+ runs, Nov 2026).
+    codes = _run_two_processes(worker, env, tmp_path)
+    assert codes == [0, 0], f"return codes {codes}\n" + "\n".join(
+        (tmp_path / f"p{i}.log").read_text()[-1500:] for i in range(2))
+    single_env = {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     single = subprocess.run([sys.executable, str(worker), "--out", str(tmp_path / "single.json")], env=single_env,
                             capture_output=True, text=True, timeout=420)
     assert single.returncode == 0, single.stdout[-2000:] + single.stderr[-3000:]

@@ -16,6 +16,8 @@ SUPPORTED_ARCHITECTURES = {
 }
 ROPE_TYPES = ("default", "linear", "llama3")
 DTYPES = ("float32", "bfloat16", "float16")
+# what a rematerialised decoder layer keeps from its forward pass (jax.checkpoint policies)
+REMAT_POLICIES = ("nothing", "dots")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +40,9 @@ class ModelConfig:
     """Architecture of a Llama-family decoder plus the dtypes and memory levers jaxppo runs it with.
 
     ``param_dtype`` is how weights are stored, ``dtype`` the matmul compute dtype; norms, softmax
-    and logits are always float32. ``remat`` rematerialises each decoder layer in the backward pass.
+    and logits are always float32. ``remat`` rematerialises each decoder layer in the backward pass;
+    ``remat_policy`` says what it keeps: ``"nothing"`` (recompute the whole layer) or ``"dots"``
+    (keep the outputs of the weight matmuls, recompute norms, RoPE, softmax and activations).
     """
 
     vocab_size: int  # tokens in the vocabulary (embedding and LM-head rows)
@@ -61,6 +65,7 @@ class ModelConfig:
     param_dtype: str = "float32"  # dtype weights are stored in: float32, bfloat16 or float16
     dtype: str = "float32"  # matmul compute dtype: float32, bfloat16 or float16 (norms, softmax, logits: float32)
     remat: bool = False  # recompute each decoder layer in the backward pass: less memory, more compute
+    remat_policy: str = "nothing"  # with remat, what each layer keeps: "nothing" or "dots" (matmul outputs)
 
     def __post_init__(self):
         def need(cond, field, msg):
@@ -77,6 +82,8 @@ class ModelConfig:
              f"{self.architecture!r} is not one of {sorted(SUPPORTED_ARCHITECTURES.values())}")
         need(self.param_dtype in DTYPES, "param_dtype", f"{self.param_dtype!r} is not one of {DTYPES}")
         need(self.dtype in DTYPES, "dtype", f"{self.dtype!r} is not one of {DTYPES}")
+        need(self.remat_policy in REMAT_POLICIES, "remat_policy",
+             f"{self.remat_policy!r} is not one of {REMAT_POLICIES}")
 
     @property
     def jnp_param_dtype(self):

@@ -178,7 +178,8 @@ class Decoder(nn.Module):
         cos, sin = rope_angles(c, positions)
         layer = DecoderLayer
         if c.remat:
-            layer = nn.remat(layer, prevent_cse=False, static_argnums=())
+            policy = {"nothing": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+            layer = nn.remat(layer, prevent_cse=False, policy=policy[c.remat_policy])
         scanned = nn.scan(
             layer,
             variable_axes={"params": 0},
