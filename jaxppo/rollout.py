@@ -54,7 +54,7 @@ class Trajectory(struct.PyTreeNode):
     returns: Array
 
 
-def micro_batched(fn, batch, micro_batches: int):
+def micro_batched(fn, batch, *, micro_batches: int):
     """``fn(batch)`` computed over ``micro_batches`` equal slices of the leading (batch) axis, one
     after another (``lax.map``), and concatenated: the same values, 1/``micro_batches`` of the
     activation memory. ``batch`` and ``fn``'s output are pytrees of ``[B, ...]`` arrays."""
@@ -113,7 +113,7 @@ def make_rollout(
                                                                                   pooling=reward_pooling)
             return logprobs, values, ref_logprobs, proxy
 
-        old_logprobs, values, ref_logprobs, proxy = micro_batched(score, args, ppo.score_micro_batches)
+        old_logprobs, values, ref_logprobs, proxy = micro_batched(score, args, micro_batches=ppo.score_micro_batches)
         if ppo.sampler_logprobs:
             old_logprobs = out.logprobs
         stopped = jnp.any((mask > 0) & jnp.isin(response, jnp.asarray(ppo.stop_token_ids or (-1,))), axis=1)
