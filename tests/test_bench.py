@@ -6,7 +6,6 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import pytest
 
 from experiments.bench import flops_check, forward_flops
 from jaxppo.models.config import ModelConfig
@@ -25,10 +24,10 @@ def test_forward_flops_counts_every_matmul():
     assert forward_flops(MODEL, 3, 10) == 3 * 2 * per_layer
 
 
-@pytest.mark.parametrize("remat", [False, True])
-def test_analytic_update_flops_match_xla_cost_analysis(remat):
-    """Also under the benchmark's ``remat_policy="dots"``: it recomputes no matmul."""
-    model = dataclasses.replace(MODEL, remat=remat, remat_policy="dots")
+def test_analytic_update_flops_match_xla_cost_analysis():
+    """Under the benchmark's ``remat_policy="dots"``, which must recompute no matmul (with full
+    remat XLA counts 1.24× the analytic FLOPs here: the decoder layers run twice)."""
+    model = dataclasses.replace(MODEL, remat=True, remat_policy="dots")
     ppo = PPOConfig(batch_size=8, minibatches=1, epochs=1, max_new_tokens=16, stop_token_ids=(), temperature=0.7,
                     critic="separate")
     params = init_params(model, jax.random.key(0))
