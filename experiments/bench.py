@@ -136,8 +136,8 @@ def bench_jaxppo(config, params, tokens, mask, epochs: int, iterations: int, pla
         config = dataclasses.replace(config, remat=True, remat_policy="dots")
     ppo = PPOConfig(iterations=iterations, batch_size=BATCH, minibatches=1, epochs=epochs, max_new_tokens=NEW_TOKENS,
                     sampler_logprobs=not plain, temperature=TEMPERATURE, stop_token_ids=(), pad_token_id=0,
-                    missing_eos_penalty=0.0, kl_coef=0.05, kl_estimator="k1", clip_eps=0.2, value_clip_eps=0.2, vf_coef=0.1, gamma=1.0,
-                    lam=0.95, learning_rate=1e-6, critic="separate")
+                    missing_eos_penalty=0.0, kl_coef=0.05, kl_estimator="k1", clip_eps=0.2, value_clip_eps=0.2,
+                    vf_coef=0.1, gamma=1.0, lam=0.95, learning_rate=1e-6, critic="separate")
     trunk = {k: v for k, v in params.items() if k != "lm_head"}
     reward = {**trunk, "reward_head": init_scalar_head(config, jax.random.key(1), "reward_head")}
     copy = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731  (states are donated)

@@ -16,8 +16,8 @@ SUPPORTED_ARCHITECTURES = {
 }
 ROPE_TYPES = ("default", "linear", "llama3")
 DTYPES = ("float32", "bfloat16", "float16")
-# what a rematerialised decoder layer keeps from its forward pass (jax.checkpoint policies)
-REMAT_POLICIES = ("nothing", "dots")
+# what a rematerialised decoder layer keeps from its forward pass: name -> jax.checkpoint policy
+REMAT_POLICIES = {"nothing": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +83,7 @@ class ModelConfig:
         need(self.param_dtype in DTYPES, "param_dtype", f"{self.param_dtype!r} is not one of {DTYPES}")
         need(self.dtype in DTYPES, "dtype", f"{self.dtype!r} is not one of {DTYPES}")
         need(self.remat_policy in REMAT_POLICIES, "remat_policy",
-             f"{self.remat_policy!r} is not one of {REMAT_POLICIES}")
+             f"{self.remat_policy!r} is not one of {tuple(REMAT_POLICIES)}")
 
     @property
     def jnp_param_dtype(self):

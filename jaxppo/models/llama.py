@@ -30,7 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxppo.models.config import ModelConfig
+from jaxppo.models.config import REMAT_POLICIES, ModelConfig
 
 Array = jax.Array
 
@@ -178,8 +178,7 @@ class Decoder(nn.Module):
         cos, sin = rope_angles(c, positions)
         layer = DecoderLayer
         if c.remat:
-            policy = {"nothing": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
-            layer = nn.remat(layer, prevent_cse=False, policy=policy[c.remat_policy])
+            layer = nn.remat(layer, prevent_cse=False, policy=REMAT_POLICIES[c.remat_policy])
         scanned = nn.scan(
             layer,
             variable_axes={"params": 0},
