@@ -1,11 +1,11 @@
-# Two commands do everything on a fresh machine: `make run` and `make test`.
+# Two commands do everything on a fresh machine: `make run` and `make test` (`make test-fast` skips slow tests).
 # Set-up is idempotent: the venv is (re)installed only when pyproject.toml or this file change.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test test-fast bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# Everything but the tests marked slow (end-to-end and multi-process runs, tests over ~15 s): a few
+# minutes on a 2-core machine. `make test` (CI) still runs the slow ones.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 # The peer for experiments/bench.py: TRL 1.12 (the last release with PPOTrainer) with the same pinned
 # CPU torch, in its own venv so its transformers/accelerate pins never touch jaxppo's.

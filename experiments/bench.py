@@ -49,17 +49,15 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from experiments.bench_sampling import make_prompts
-from jaxppo.kl_control import init_kl_control
 from jaxppo.models.config import ModelConfig
 from jaxppo.models.heads import init_scalar_head
-from jaxppo.optim import create_train_state, make_optimizer
-from jaxppo.ppo import make_iteration, make_update
+from jaxppo.ppo import init_ppo, make_iteration, make_update
 from jaxppo.ppo_config import PPOConfig
 from jaxppo.rollout import make_rollout
 from jaxppo.sampling import SamplingParams, make_sampler
+from jaxppo.sharding import MeshConfig, make_mesh
 from jaxppo.weights import load_pretrained
 from jaxppo.weights.gguf import smollm2_gguf_path
 from jaxppo.weights.hf import save_pretrained
@@ -115,12 +113,10 @@ def flops_check(config, params, reward, traj, ppo) -> dict:
     ``lax.scan``, so only with one layer, one epoch and one minibatch is every loop run once)."""
     one = dataclasses.replace(config, num_layers=1)
     first = lambda p: {**p, "layers": jax.tree.map(lambda x: x[:1], p["layers"])}  # noqa: E731
-    tx = make_optimizer(learning_rate=ppo.learning_rate)
-    actor = create_train_state(first(params), tx)
-    critic = create_train_state({**first({k: v for k, v in reward.items() if k != "reward_head"}),
-                                 "value_head": reward["reward_head"]}, tx)
+    state, _ = init_ppo(one, ppo, make_mesh(MeshConfig(data=1, fsdp=1, tensor=1)), sft_params=first(params),
+                        reward_params=first(reward), key=jax.random.key(0))
     update = make_update(one, ppo)
-    compiled = update.lower(actor, critic, traj, jax.random.key(0), 0.05, None).compile()
+    compiled = update.lower(state.actor, state.critic, traj, jax.random.key(0), 0.05, None).compile()
     xla = float(compiled.cost_analysis()["flops"])
     batch, new_tokens = traj.response.shape
     analytic = update_flops(one, epochs=ppo.epochs, batch=batch, prompt_len=traj.prompt.shape[1], new_tokens=new_tokens)
@@ -138,28 +134,25 @@ def bench_jaxppo(config, params, tokens, mask, epochs: int, iterations: int, pla
                     sampler_logprobs=not plain, temperature=TEMPERATURE, stop_token_ids=(), pad_token_id=0,
                     missing_eos_penalty=0.0, kl_coef=0.05, kl_estimator="k1", clip_eps=0.2, value_clip_eps=0.2,
                     vf_coef=0.1, gamma=1.0, lam=0.95, learning_rate=1e-6, critic="separate")
-    trunk = {k: v for k, v in params.items() if k != "lm_head"}
-    reward = {**trunk, "reward_head": init_scalar_head(config, jax.random.key(1), "reward_head")}
-    copy = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731  (states are donated)
-    tx = make_optimizer(learning_rate=ppo.learning_rate, max_grad_norm=ppo.max_grad_norm)
-    actor = create_train_state(copy(params), tx)
-    critic = create_train_state({**copy(trunk), "value_head": copy(reward["reward_head"])}, tx)
-    kl = init_kl_control(kl_coef=ppo.kl_coef)
+    reward = {**{k: v for k, v in params.items() if k != "lm_head"},
+              "reward_head": init_scalar_head(config, jax.random.key(1), "reward_head")}
+    mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1))
+    # actor from the policy, critic from the reward model (its head → value head), frozen reference + reward
+    ppo_state, frozen = init_ppo(config, ppo, mesh, sft_params=params, reward_params=reward, key=jax.random.key(2))
     prompt, prompt_mask = jnp.asarray(tokens)[None], jnp.asarray(mask)[None]
     length = tokens.shape[1] + NEW_TOKENS
 
     # fused: the whole iteration is one XLA program
     iteration = make_iteration(config, ppo)
-    state = {"actor": actor, "critic": critic, "kl": kl}
+    state = {"ppo": ppo_state}
     step = iter(range(10_000))
 
     def run_iteration():
         i = next(step)
-        a, c, k, samples, metrics = iteration(state["actor"], state["critic"], params, reward, state["kl"],
-                                              prompt, prompt_mask, jax.random.key(i)[None],
-                                              jax.random.key(1000 + i)[None])
-        jax.block_until_ready((a, metrics))
-        state.update(actor=a, critic=c, kl=k)
+        new_state, samples, metrics = iteration(state["ppo"], frozen, prompt, prompt_mask, jax.random.key(i)[None],
+                                                jax.random.key(1000 + i)[None])
+        jax.block_until_ready((new_state, metrics))
+        state["ppo"] = new_state
         assert int(samples["response_mask"].sum()) == BATCH * NEW_TOKENS
 
     first, times = timed(run_iteration, iterations - 1)
@@ -170,15 +163,16 @@ def bench_jaxppo(config, params, tokens, mask, epochs: int, iterations: int, pla
     holder = {}
 
     def run_rollout():
-        holder["traj"], m = rollout(state["actor"].params, state["critic"].params, params, reward, prompt[0],
-                                    prompt_mask[0], jax.random.key(next(step)), state["kl"].kl_coef)
+        s = state["ppo"]
+        holder["traj"], m = rollout(s.actor.params, s.critic.params, frozen.reference, frozen.reward, prompt[0],
+                                    prompt_mask[0], jax.random.key(next(step)), s.kl.kl_coef)
         jax.block_until_ready(holder["traj"])
 
     def run_update():
-        a, c, m = update(state["actor"], state["critic"], holder["traj"], jax.random.key(next(step)),
-                         state["kl"].kl_coef, None)
+        s = state["ppo"]
+        a, c, m = update(s.actor, s.critic, holder["traj"], jax.random.key(next(step)), s.kl.kl_coef, None)
         jax.block_until_ready((a, m))
-        state.update(actor=a, critic=c)
+        state["ppo"] = s.replace(actor=a, critic=c)
 
     rollout_first, rollout_times = timed(run_rollout, iterations - 1)
     update_first, update_times = timed(run_update, iterations - 1)
@@ -191,8 +185,8 @@ def bench_jaxppo(config, params, tokens, mask, epochs: int, iterations: int, pla
 
     flops = update_flops(config, epochs=epochs, batch=BATCH, prompt_len=tokens.shape[1], new_tokens=NEW_TOKENS)
     check = flops_check(config, params, reward, holder["traj"], ppo) if epochs == 1 else None
-    memory = iteration.lower(state["actor"], state["critic"], params, reward, state["kl"], prompt, prompt_mask,
-                             jax.random.key(0)[None], jax.random.key(1)[None]).compile().memory_analysis()
+    memory = iteration.lower(state["ppo"], frozen, prompt, prompt_mask, jax.random.key(0)[None],
+                             jax.random.key(1)[None]).compile().memory_analysis()
     return {
         "epochs": epochs, "prompt_length": int(tokens.shape[1]),
         "seconds_per_iteration": seconds, "iteration_times": times, "compile_seconds": first - seconds,

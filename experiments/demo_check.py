@@ -22,7 +22,7 @@ import numpy as np
 
 from jaxppo.config import load_config
 from jaxppo.logging import read_metrics
-from jaxppo.train import run_pipeline
+from experiments.run import run_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 WINDOW = 25  # PPO iterations averaged for the peak / final gold and proxy rewards of a curve

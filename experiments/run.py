@@ -9,11 +9,29 @@ from __future__ import annotations
 
 import datetime
 import json
+import time
 from pathlib import Path
 
 from jaxppo.cli import parse_args
 from jaxppo.pipeline_config import PipelineConfig
 from jaxppo.tabular_ppo import TabularPPOConfig, train
+
+
+def run_pipeline(config, run_dir: str | Path) -> dict:
+    """SFT → reward model → PPO in ``run_dir`` (resumed when it holds checkpoints of the same config);
+    returns ``summary.json``'s content. Every process of a multi-process run calls it."""
+    from jaxppo.pipeline import evaluate, open_run, ppo_stage, reward_model_stage, sft_stage, write_summary
+
+    start = time.perf_counter()
+    with open_run(config, run_dir) as (ctx, pretrained):
+        sft_params = sft_stage(ctx, pretrained)
+        reward = reward_model_stage(ctx, sft_params)
+        sft_eval = evaluate(ctx, sft_params, reward.params, samples_file="samples_sft.json")
+        final_params, final_reward = ppo_stage(ctx, sft_params, reward)
+        # proxy: the final reward model (every version is normalised on the same SFT samples)
+        final_eval = evaluate(ctx, final_params, final_reward.params, i=1, samples_file="samples_final.json")
+        return write_summary(ctx, sft_eval=sft_eval, final_eval=final_eval, reward_result=reward.result,
+                             final_params=final_params, start_time=start)
 
 
 def main(argv=None) -> None:
@@ -27,7 +45,6 @@ def main(argv=None) -> None:
     import jax
 
     from jaxppo.sharding import initialize_distributed
-    from jaxppo.train import run_pipeline  # heavy imports only for the pipeline
 
     initialize_distributed(args.coordinator, args.num_processes, args.process_id)  # before any computation
     if jax.process_count() > 1 and not args.run_dir:

@@ -13,6 +13,9 @@ produces). Outputs are 0 at masked positions, which never contribute even if the
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
@@ -179,3 +182,45 @@ def sequence_sum(x: Array, mask: Array) -> Array:
     check_rank("sequence_sum", "x", x, 2, "[B, T]")
     check_same_shape("sequence_sum", "x", x, mask=mask)
     return masked_sum(x, as_mask(mask, compute_dtype(x)), axis=-1)
+
+
+# --------------------------------------------------------------------------------------------
+# Advantage estimators: the plug-in point of the rollout (chosen by ``ppo.estimator``)
+# --------------------------------------------------------------------------------------------
+
+
+class AdvantageInputs(NamedTuple):
+    """What the rollout hands an estimator; ``[B, N]`` unless noted."""
+
+    scores: Array  # [B] sequence reward (reward model / reward function, after the missing-EOS penalty)
+    rewards: Array  # per-token rewards: −β·KL_t plus the score at the last token (kl_shaped_rewards)
+    values: Array | None  # critic values V(s_t); None when the estimator needs no critic
+    mask: Array  # valid response tokens
+
+
+class Estimator(NamedTuple):
+    """An entry of :data:`ESTIMATORS`.
+
+    ``fn(inputs: AdvantageInputs, **hyperparameters) -> (advantages [B, N], returns [B, N])`` is a
+    pure function; ``hyperparameters`` names the ``PPOConfig`` scalars it takes as keywords;
+    ``needs_critic`` says whether the run builds, trains and checkpoints a critic for it (then
+    ``inputs.values`` is set and ``returns`` are the critic's targets).
+    """
+
+    fn: Callable[..., tuple[Array, Array]]
+    hyperparameters: tuple[str, ...]
+    needs_critic: bool
+
+
+def gae_estimator(inputs: AdvantageInputs, *, gamma: float, lam: float) -> tuple[Array, Array]:
+    """PPO's estimator: :func:`gae` of the KL-shaped per-token rewards and the critic's values."""
+    if inputs.values is None:
+        raise ValueError("gae_estimator: `inputs.values` is None; GAE needs a critic")
+    return gae(inputs.rewards, inputs.values, inputs.mask, gamma=gamma, lam=lam)
+
+
+# A fork adds an estimator with one pure function (+ its test) and one row here; `ppo.estimator`
+# then accepts its name. The rollout calls ESTIMATORS[name].fn(inputs, **{h: ppo.<h>}).
+ESTIMATORS: dict[str, Estimator] = {
+    "gae": Estimator(gae_estimator, hyperparameters=("gamma", "lam"), needs_critic=True),
+}

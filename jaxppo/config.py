@@ -1,9 +1,12 @@
-"""Config loading: a config is a Python file whose ``get_config()`` returns a frozen dataclass."""
+"""Config loading, validation and serialisation: a config is a Python file whose ``get_config()``
+returns a frozen dataclass; every field check goes through :func:`require`; :func:`to_json` is the
+one JSON form of a config (``config.json``, checkpoint metadata, W&B, resume checks)."""
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 from pathlib import Path
 
 
@@ -27,3 +30,8 @@ def require(condition: bool, field: str, message: str) -> None:
     """Raises ``ValueError`` naming the config ``field`` unless ``condition`` holds."""
     if not condition:
         raise ValueError(f"config field `{field}`: {message}")
+
+
+def to_json(config) -> dict:
+    """The config as plain JSON values (tuples become lists), as stored and compared on resume."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))

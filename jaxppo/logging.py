@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-__all__ = ["RunLogger", "read_metrics"]
+__all__ = ["RunLogger", "read_metrics", "rewind_metrics"]
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -347,3 +347,18 @@ def read_metrics(path: str | Path) -> list[dict]:
             raise ValueError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
         rows.append(row)
     return rows
+
+
+def rewind_metrics(path: str | Path, keep: Callable[[dict], bool]) -> int:
+    """Rewrite ``metrics.jsonl`` at ``path`` (atomically) with only the rows for which ``keep(row)``
+    holds; returns how many rows were cut. A resumed run calls it to drop the rows logged after the
+    checkpoint it restarts from, so the finished file equals an uninterrupted run's."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    rows = read_metrics(path)
+    kept = [row for row in rows if keep(row)]
+    if len(kept) != len(rows):
+        text = "".join(_dumps(row) + "\n" for row in kept)
+        _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+    return len(rows) - len(kept)

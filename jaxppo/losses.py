@@ -9,11 +9,19 @@ Conventions (shared by every function here):
   select code paths, so mark them static when you ``jax.jit`` (``static_argnames``).
 * Math is done in at least float32 (bf16 log-probs are upcast before ``exp``).
 * Each loss returns ``(loss, aux)`` where ``aux`` is a dict of scalar diagnostics, or a scalar.
+* Means are over the given batch by default. The optional keyword-only counts (``token_count``,
+  ``row_count``, ``pair_count``, ``list_count``) replace the batch's own denominators with those of
+  a larger batch the given one is a part of: micro-batch losses (and aux) computed with the
+  minibatch's counts *sum* to the minibatch's loss, so micro-batching never changes the objective
+  (:func:`jaxppo.optim.accumulate_gradients`). Counts below 1 are taken as 1.
 
 Shapes are checked when traced; a mismatch raises one ``ValueError`` naming the argument.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +41,7 @@ Array = jax.Array
 
 KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+OBJECTIVES = ("bradley_terry", "plackett_luce")  # reward-model losses: pairs, ranked lists
 
 
 # --------------------------------------------------------------------------------------------
@@ -79,17 +88,30 @@ def kl_penalty(logprobs: Array, ref_logprobs: Array, *, estimator: str) -> Array
 # --------------------------------------------------------------------------------------------
 
 
-def aggregate(loss_mat: Array, mask: Array, *, aggregation: str) -> Array:
+def aggregate(
+    loss_mat: Array,
+    mask: Array,
+    *,
+    aggregation: str,
+    token_count: Array | float | None = None,
+    row_count: Array | float | None = None,
+) -> Array:
     r"""Reduces a ``[B, T]`` per-token loss to a scalar over the valid tokens.
 
-    * ``token-mean``: :math:`\sum_{b,t} m_{bt} l_{bt} / \sum_{b,t} m_{bt}` — every token weighs
-      the same (trl, OpenRLHF default; seed 000 §4.1).
-    * ``seq-mean-token-mean``: mean over rows of the per-row token mean — every sequence weighs
-      the same (the PPO paper's and DeepSpeed-Chat's reading).
-    * ``seq-mean-token-sum``: mean over rows of the per-row token sum (no length normalisation,
+    With :math:`N = \sum_{b,t} m_{bt}` valid tokens, :math:`n_b = \sum_t m_{bt}` and
+    :math:`S = |\{b : n_b > 0\}|` non-empty rows:
+
+    * ``token-mean``: :math:`\sum_{b,t} m_{bt} l_{bt} / N` — every token weighs the same (trl,
+      OpenRLHF default; seed 000 §4.1).
+    * ``seq-mean-token-mean``: :math:`\sum_b \big(\sum_t m_{bt} l_{bt} / n_b\big) / S` — every
+      sequence weighs the same (the PPO paper's and DeepSpeed-Chat's reading).
+    * ``seq-mean-token-sum``: :math:`\sum_{b,t} m_{bt} l_{bt} / S` (no length normalisation,
       Dr. GRPO-style).
 
     Rows without valid tokens are excluded from the sequence means; an empty batch gives 0.
+    ``token_count`` replaces N and ``row_count`` replaces S (the counts of the whole minibatch when
+    ``loss_mat`` is one of its micro-batches; see the module docstring). :math:`n_b` is per row, so
+    it never changes.
     """
     fn = "aggregate"
     check_choice(fn, "aggregation", aggregation, AGGREGATIONS)
@@ -97,11 +119,11 @@ def aggregate(loss_mat: Array, mask: Array, *, aggregation: str) -> Array:
     check_same_shape(fn, "loss_mat", loss_mat, mask=mask)
     mask = as_mask(mask, loss_mat.dtype)
     if aggregation == "token-mean":
-        return masked_mean(loss_mat, mask)
+        return masked_mean(loss_mat, mask, denominator=token_count)
     row_sum = masked_sum(loss_mat, mask, axis=-1)
     lengths = jnp.sum(mask, axis=-1)
     per_row = row_sum / jnp.maximum(lengths, 1) if aggregation == "seq-mean-token-mean" else row_sum
-    return masked_mean(per_row, lengths > 0)
+    return masked_mean(per_row, lengths > 0, denominator=row_count)
 
 
 def policy_loss(
@@ -114,6 +136,8 @@ def policy_loss(
     clip_eps_high: float | None = None,
     dual_clip: float | None = None,
     aggregation: str = "token-mean",
+    token_count: Array | float | None = None,
+    row_count: Array | float | None = None,
 ) -> tuple[Array, dict[str, Array]]:
     r"""PPO clipped surrogate loss (Schulman et al. 2017, eq. 7), per token.
 
@@ -137,6 +161,8 @@ def policy_loss(
       clip_eps, clip_eps_high: clip range; both must be > 0.
       dual_clip: optional lower bound factor c > 1 for negative advantages.
       aggregation: one of ``AGGREGATIONS``.
+      token_count, row_count: optional minibatch counts of valid tokens and non-empty rows that
+        replace this batch's in :func:`aggregate` and in the token means of ``aux``.
 
     Returns:
       ``(loss, aux)`` with scalar aux ``clip_fraction`` (tokens where the clipped term is the
@@ -176,17 +202,38 @@ def policy_loss(
     else:
         dual_active = jnp.zeros_like(mask, dtype=bool)
 
-    loss = aggregate(loss_mat, mask, aggregation=aggregation)
+    loss = aggregate(loss_mat, mask, aggregation=aggregation, token_count=token_count, row_count=row_count)
     clip_active = clipped > unclipped
+
+    def token_mean(x):
+        return masked_mean(x.astype(dtype), mask, denominator=token_count)
+
     aux = {
-        "clip_fraction": masked_mean(clip_active.astype(dtype), mask),
-        "clip_fraction_low": masked_mean((clip_active & (ratio < 1.0)).astype(dtype), mask),
-        "clip_fraction_high": masked_mean((clip_active & (ratio > 1.0)).astype(dtype), mask),
-        "dual_clip_fraction": masked_mean(dual_active.astype(dtype), mask),
-        "approx_kl": jax.lax.stop_gradient(masked_mean(jnp.expm1(log_ratio) - log_ratio, mask)),
-        "ratio_mean": jax.lax.stop_gradient(masked_mean(ratio, mask)),
+        "clip_fraction": token_mean(clip_active),
+        "clip_fraction_low": token_mean(clip_active & (ratio < 1.0)),
+        "clip_fraction_high": token_mean(clip_active & (ratio > 1.0)),
+        "dual_clip_fraction": token_mean(dual_active),
+        "approx_kl": jax.lax.stop_gradient(token_mean(jnp.expm1(log_ratio) - log_ratio)),
+        "ratio_mean": jax.lax.stop_gradient(token_mean(ratio)),
     }
     return loss, aux
+
+
+class PolicyLoss(NamedTuple):
+    """An entry of :data:`POLICY_LOSSES`: ``fn(logprobs, old_logprobs, advantages, mask, *, token_count,
+    row_count, **hyperparameters) -> (loss, aux)``, a pure function whose aux has at least
+    ``clip_fraction`` and ``approx_kl``; ``hyperparameters`` names the ``PPOConfig`` fields it takes
+    as keywords. ``token_count`` / ``row_count`` are the minibatch's (see :func:`aggregate`)."""
+
+    fn: Callable[..., tuple[Array, dict[str, Array]]]
+    hyperparameters: tuple[str, ...]
+
+
+# A fork adds a policy loss with one pure function (+ its test) and one row here; `ppo.policy_loss`
+# then accepts its name. The actor loss calls POLICY_LOSSES[name].fn(..., **{h: ppo.<h>}).
+POLICY_LOSSES: dict[str, PolicyLoss] = {
+    "clip": PolicyLoss(policy_loss, hyperparameters=("clip_eps", "clip_eps_high", "dual_clip", "aggregation")),
+}
 
 
 def value_loss(
@@ -196,6 +243,7 @@ def value_loss(
     mask: Array,
     *,
     clip_eps: float | None = None,
+    token_count: Array | float | None = None,
 ) -> tuple[Array, dict[str, Array]]:
     r"""Critic regression loss with optional PPO-style value clipping.
 
@@ -204,7 +252,8 @@ def value_loss(
                  (\mathrm{clip}(V_t, V^{old}_t − ε, V^{old}_t + ε) − R_t)^2\big)
 
     and :math:`½\,\mathrm{mean}_t (V_t − R_t)^2` without ``clip_eps``; the mean is over all valid
-    tokens of the batch. ``old_values`` and ``returns`` are data (no gradient).
+    tokens of the batch (Σ over them / ``token_count`` when given). ``old_values`` and ``returns``
+    are data (no gradient).
 
     Args:
       values: ``[B, T]`` current critic predictions (differentiable).
@@ -212,6 +261,7 @@ def value_loss(
       returns: ``[B, T]`` regression targets (GAE returns).
       mask: ``[B, T]`` valid response tokens.
       clip_eps: optional clip range ε > 0 around ``old_values``.
+      token_count: optional minibatch token count replacing this batch's in every mean.
 
     Returns:
       ``(loss, aux)`` with ``clip_fraction`` (tokens where the clipped error is the larger) and
@@ -236,11 +286,11 @@ def value_loss(
         values_clipped = old_values + jnp.clip(values - old_values, -clip_eps, clip_eps)
         clipped = jnp.square(values_clipped - returns)
         loss_mat = jnp.maximum(unclipped, clipped)
-        clip_fraction = masked_mean((clipped > unclipped).astype(dtype), mask)
-    loss = 0.5 * masked_mean(loss_mat, mask)
+        clip_fraction = masked_mean((clipped > unclipped).astype(dtype), mask, denominator=token_count)
+    loss = 0.5 * masked_mean(loss_mat, mask, denominator=token_count)
     aux = {
         "clip_fraction": clip_fraction,
-        "value_error": jax.lax.stop_gradient(masked_mean(unclipped, mask)),
+        "value_error": jax.lax.stop_gradient(masked_mean(unclipped, mask, denominator=token_count)),
     }
     return loss, aux
 
@@ -274,14 +324,30 @@ def token_logprobs(logits: Array, targets: Array) -> Array:
     return target_logits - jax.nn.logsumexp(logits, axis=-1)
 
 
-def entropy(logits: Array, mask: Array) -> Array:
-    r"""Masked mean entropy of the per-token softmax distributions.
+def token_entropy(logits: Array) -> Array:
+    r"""Entropy of each position's softmax distribution.
 
     .. math:: H_t = −\sum_v p_{tv} \log p_{tv} = \log\sum_v e^{z_{tv}} − \sum_v p_{tv} z_{tv}
 
     Args:
       logits: ``[B, T, V]``.
+
+    Returns:
+      ``[B, T]`` entropies in at least float32 (differentiable).
+    """
+    check_rank("token_entropy", "logits", logits, 3, "[B, T, V]")
+    logits = logits.astype(compute_dtype(logits))
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    return log_z - jnp.sum(jax.nn.softmax(logits, axis=-1) * logits, axis=-1)
+
+
+def entropy(logits: Array, mask: Array, *, token_count: Array | float | None = None) -> Array:
+    r"""Masked mean of :func:`token_entropy`: :math:`\sum_{b,t} m_{bt} H_{bt} / \sum_{b,t} m_{bt}`.
+
+    Args:
+      logits: ``[B, T, V]``.
       mask: ``[B, T]`` valid response tokens.
+      token_count: optional minibatch token count replacing :math:`\sum m`.
 
     Returns:
       scalar mean of :math:`H_t` over valid tokens (0 if none). Differentiable: as a bonus,
@@ -290,29 +356,31 @@ def entropy(logits: Array, mask: Array) -> Array:
     fn = "entropy"
     check_rank(fn, "logits", logits, 3, "[B, T, V]")
     check_shape(fn, "mask", mask, logits.shape[:2], "[B, T]")
-    logits = logits.astype(compute_dtype(logits))
-    log_z = jax.nn.logsumexp(logits, axis=-1)
-    probs = jax.nn.softmax(logits, axis=-1)
-    per_token = log_z - jnp.sum(probs * logits, axis=-1)
-    return masked_mean(per_token, as_mask(mask, per_token.dtype))
+    per_token = token_entropy(logits)
+    return masked_mean(per_token, as_mask(mask, per_token.dtype), denominator=token_count)
 
 
-def sft_loss(logits: Array, targets: Array, mask: Array) -> Array:
+def sft_loss(logprobs: Array, mask: Array, *, token_count: Array | float | None = None) -> Array:
     r"""Masked mean token negative log-likelihood (supervised fine-tuning, PPO-ptx).
 
     .. math:: L = −\frac{1}{\sum m}\sum_{b,t} m_{bt} \log p_θ(y_{bt} \mid y_{b,<t}, x_b)
 
+    Takes the target tokens' log-probs rather than logits, so a caller can compute them in chunks
+    without materialising ``[B, T, V]`` (``token_logprobs(logits, targets)`` gives them from logits).
+
     Args:
-      logits: ``[B, T, V]`` next-token logits aligned with ``targets``.
-      targets: ``[B, T]`` integer target ids.
+      logprobs: ``[B, T]`` log p_θ of the target tokens.
       mask: ``[B, T]`` 1 on tokens that are trained (responses), 0 on prompt and padding.
+      token_count: optional minibatch token count replacing :math:`\sum m`.
 
     Returns:
       scalar loss (0 if the mask is empty).
     """
-    check_shape("sft_loss", "mask", mask, jnp.shape(targets), "[B, T]")
-    logp = token_logprobs(logits, targets)
-    return -masked_mean(logp, as_mask(mask, logp.dtype))
+    fn = "sft_loss"
+    check_rank(fn, "logprobs", logprobs, 2, "[B, T]")
+    check_same_shape(fn, "logprobs", logprobs, mask=mask)
+    logprobs = logprobs.astype(compute_dtype(logprobs))
+    return -masked_mean(logprobs, as_mask(mask, logprobs.dtype), denominator=token_count)
 
 
 # --------------------------------------------------------------------------------------------
@@ -321,7 +389,11 @@ def sft_loss(logits: Array, targets: Array, mask: Array) -> Array:
 
 
 def bradley_terry_loss(
-    chosen_scores: Array, rejected_scores: Array, *, margin: float | Array | None = None
+    chosen_scores: Array,
+    rejected_scores: Array,
+    *,
+    margin: float | Array | None = None,
+    pair_count: Array | float | None = None,
 ) -> tuple[Array, dict[str, Array]]:
     r"""Pairwise preference loss of a reward model (Bradley & Terry 1952; Ouyang et al. 2022).
 
@@ -334,6 +406,7 @@ def bradley_terry_loss(
       chosen_scores: ``[B]`` reward of the preferred responses.
       rejected_scores: ``[B]`` reward of the rejected responses.
       margin: optional scalar or ``[B]``.
+      pair_count: optional minibatch pair count replacing B in every mean.
 
     Returns:
       ``(loss, aux)`` with ``accuracy`` (fraction of pairs with s_c > s_r) and ``margin_mean``
@@ -352,15 +425,23 @@ def bradley_terry_loss(
                 f"got {tuple(jnp.shape(margin))}"
             )
         logits = diff - jnp.asarray(margin, dtype)
-    loss = -jnp.mean(jax.nn.log_sigmoid(logits))
-    aux = {
-        "accuracy": jnp.mean((diff > 0).astype(dtype)),
-        "margin_mean": jax.lax.stop_gradient(jnp.mean(diff)),
-    }
+    pairs = jnp.ones(diff.shape, dtype)
+
+    def pair_mean(x):
+        return masked_mean(x.astype(dtype), pairs, denominator=pair_count)
+
+    loss = -pair_mean(jax.nn.log_sigmoid(logits))
+    aux = {"accuracy": pair_mean(diff > 0), "margin_mean": jax.lax.stop_gradient(pair_mean(diff))}
     return loss, aux
 
 
-def plackett_luce_loss(scores: Array, *, mask: Array | None = None) -> tuple[Array, dict[str, Array]]:
+def plackett_luce_loss(
+    scores: Array,
+    *,
+    mask: Array | None = None,
+    list_count: Array | float | None = None,
+    pair_count: Array | float | None = None,
+) -> tuple[Array, dict[str, Array]]:
     r"""Listwise ranking loss of a reward model (Plackett 1975, Luce 1959).
 
     A ranking :math:`y_1 ≻ y_2 ≻ … ≻ y_K` (``scores`` ordered best first) has likelihood
@@ -375,6 +456,9 @@ def plackett_luce_loss(scores: Array, *, mask: Array | None = None) -> tuple[Arr
     Args:
       scores: ``[B, K]`` reward of each response, ordered best first.
       mask: optional ``[B, K]`` valid items (any pattern; invalid items are removed from the list).
+      list_count: optional minibatch count of lists with >= 2 valid items, replacing this batch's
+        (loss and ``top1_accuracy``); :func:`ranking_counts` computes it.
+      pair_count: optional minibatch count of valid pairs, replacing this batch's (``accuracy``).
 
     Returns:
       ``(loss, aux)`` with ``accuracy`` (fraction of valid pairs i < j, over all lists, with
@@ -396,13 +480,27 @@ def plackett_luce_loss(scores: Array, *, mask: Array | None = None) -> tuple[Arr
     per_item = jnp.where(valid, scores - tail_logsumexp, 0.0)
     n_valid = jnp.sum(valid, axis=1)
     list_nll = -jnp.sum(per_item, axis=1)
-    loss = masked_mean(list_nll, n_valid >= 2)
+    loss = masked_mean(list_nll, n_valid >= 2, denominator=list_count)
 
-    pair_valid = valid[:, :, None] & valid[:, None, :] & jnp.triu(jnp.ones((scores.shape[1],) * 2, bool), 1)
     pair_correct = scores[:, :, None] > scores[:, None, :]
     best_is_first = jnp.argmax(masked_scores, axis=1) == jnp.argmax(valid, axis=1)
     aux = {
-        "accuracy": masked_mean(pair_correct.astype(dtype), pair_valid),
-        "top1_accuracy": masked_mean(best_is_first.astype(dtype), n_valid >= 2),
+        "accuracy": masked_mean(pair_correct.astype(dtype), _ranked_pairs(valid), denominator=pair_count),
+        "top1_accuracy": masked_mean(best_is_first.astype(dtype), n_valid >= 2, denominator=list_count),
     }
     return loss, aux
+
+
+def _ranked_pairs(valid: Array) -> Array:
+    """``[B, K, K]``: True where items i < j of a list are both valid."""
+    upper = jnp.triu(jnp.ones((valid.shape[1],) * 2, bool), 1)
+    return valid[:, :, None] & valid[:, None, :] & upper
+
+
+def ranking_counts(mask: Array) -> dict[str, Array]:
+    """``{"list_count", "pair_count"}`` of a ``[B, K]`` valid-item mask: the denominators of
+    :func:`plackett_luce_loss` (lists with >= 2 valid items; valid pairs), as float32 scalars."""
+    check_rank("ranking_counts", "mask", mask, 2, "[B, K]")
+    valid = jnp.asarray(mask) > 0
+    return {"list_count": jnp.sum(jnp.sum(valid, axis=1) >= 2).astype(jnp.float32),
+            "pair_count": jnp.sum(_ranked_pairs(valid)).astype(jnp.float32)}

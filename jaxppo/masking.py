@@ -70,12 +70,34 @@ def masked_sum(x: Array, mask: Array, axis=None) -> Array:
     return jnp.sum(jnp.where(mask > 0, x, 0), axis=axis)
 
 
-def masked_mean(x: Array, mask: Array, axis=None) -> Array:
-    """Σ x·mask / Σ mask over ``axis``, and 0 where the mask is empty."""
-    count = jnp.sum(mask, axis=axis)
+def masked_mean(x: Array, mask: Array, axis=None, *, denominator: Array | float | None = None) -> Array:
+    """Σ x·mask / Σ mask over ``axis``, and 0 where the mask is empty.
+
+    ``denominator`` replaces Σ mask (a count over a larger batch of which ``x`` is a part: then the
+    means of the parts *sum* to the mean of the whole, which is how micro-batches are accumulated).
+    A denominator below 1 is taken as 1, so an empty batch gives 0.
+    """
+    count = jnp.sum(mask, axis=axis) if denominator is None else denominator
     return masked_sum(x, mask, axis=axis) / jnp.maximum(count, 1)
 
 
+def valid_count(mask: Array) -> Array:
+    """Number of valid entries of ``mask`` (any shape), a float32 scalar: e.g. a batch's token count."""
+    return jnp.sum(jnp.asarray(mask) > 0).astype(jnp.float32)
+
+
+def nonempty_rows(mask: Array) -> Array:
+    """Number of rows of ``mask`` ``[B, T]`` with at least one valid entry, a float32 scalar."""
+    return jnp.sum(jnp.any(jnp.asarray(mask) > 0, axis=-1)).astype(jnp.float32)
+
+
 def last_valid_index(mask: Array) -> Array:
-    """Index of the last valid entry of each row of a prefix mask ``[B, T]`` → ``[B]`` int32 (−1 if empty)."""
-    return (jnp.sum(mask > 0, axis=-1) - 1).astype(jnp.int32)
+    """Index ``[B]`` int32 of the last valid entry of each row of ``mask`` ``[B, T]``; −1 for an empty row.
+
+    Any mask pattern works: a prefix mask (a right-padded response) gives its length − 1, a mask with
+    padding on both sides (a left-padded prompt followed by a right-padded response) its last 1.
+    """
+    check_rank("last_valid_index", "mask", mask, 2, "[B, T]")
+    valid = jnp.asarray(mask) > 0
+    last = valid.shape[-1] - 1 - jnp.argmax(valid[:, ::-1], axis=-1)
+    return jnp.where(jnp.any(valid, axis=-1), last, -1).astype(jnp.int32)

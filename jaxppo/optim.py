@@ -62,27 +62,35 @@ def split_micro_batches(batch, micro_batches: int):
 
 
 def accumulate_gradients(
-    loss_fn: Callable, params, batch, *, micro_batches: int = 1
+    loss_fn: Callable, params, batch, denominators, *, micro_batches: int = 1, max_metrics: tuple[str, ...] = ()
 ) -> tuple[Array, dict, dict]:
-    """Mean loss, mean aux and mean gradients of ``loss_fn(params, micro_batch) -> (loss, aux)``.
+    r"""Loss, aux and gradients of ``loss_fn(params, micro_batch, denominators) -> (loss, aux)`` summed
+    over ``micro_batches`` equal slices of ``batch``.
 
-    With ``micro_batches`` > 1 the batch is split and gradients are summed by a ``lax.scan``, so
-    only one micro-batch's activations are alive at a time; the result equals the full-batch
-    gradient when the loss is a mean over equally sized micro-batches.
+    Micro-batching is a memory lever only: it must not change the objective. So ``denominators``
+    (token, row, pair… counts) are computed by the caller over the *whole* ``batch``, and
+    ``loss_fn`` divides its micro-batch's sums by them: then
+
+    .. math:: L = \frac{1}{N}\sum_{i \in \text{batch}} l_i = \sum_k \frac{1}{N}\sum_{i \in \text{micro}_k} l_i
+
+    and likewise for gradients and aux (fractions normalised the same way sum to the batch's
+    fraction). Averaging per-micro-batch means instead would re-weight micro-batches of short
+    responses. Aux entries named in ``max_metrics`` are maxima, reduced with ``max``.
+
+    Every leaf of ``batch`` is split on its leading axis (which ``micro_batches`` must divide); a
+    ``lax.scan`` runs the micro-batches, so only one micro-batch's activations are alive at a time.
+    ``aux`` must be a dict of scalars.
     """
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if micro_batches == 1:
-        (loss, aux), grads = grad_fn(params, batch)
+        (loss, aux), grads = grad_fn(params, batch, denominators)
         return loss, aux, grads
 
-    def step(carry, micro):
-        (loss, aux), grads = grad_fn(params, micro)
-        acc = jax.tree.map(jnp.add, carry, (loss, aux, grads))
-        return acc, None
+    def step(grads_sum, micro):
+        (loss, aux), grads = grad_fn(params, micro, denominators)
+        return jax.tree.map(jnp.add, grads_sum, grads), (loss, aux)
 
-    first = jax.tree.map(lambda x: x[0], split_micro_batches(batch, micro_batches))
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(lambda: grad_fn(params, first)))
-    (loss, aux), grads = zeros
-    (loss, aux, grads), _ = jax.lax.scan(step, (loss, aux, grads), split_micro_batches(batch, micro_batches))
-    scale = 1.0 / micro_batches
-    return jax.tree.map(lambda x: x * scale, (loss, aux, grads))
+    zeros = jax.tree.map(jnp.zeros_like, params)  # gradients have the params' structure and dtypes
+    grads, (losses, auxes) = jax.lax.scan(step, zeros, split_micro_batches(batch, micro_batches))
+    aux = {k: jnp.max(v) if k in max_metrics else jnp.sum(v) for k, v in auxes.items()}
+    return jnp.sum(losses), aux, grads

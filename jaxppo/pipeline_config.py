@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 
 from jaxppo.config import require
+from jaxppo.losses import OBJECTIVES
 from jaxppo.models.config import ModelConfig
 from jaxppo.ppo_config import PPOConfig
-from jaxppo.reward_model import OBJECTIVES
 from jaxppo.sharding import MeshConfig
 from jaxppo.tasks import TextTaskConfig
 from jaxppo.toy_task import ToyTaskConfig
@@ -125,3 +125,15 @@ class PipelineConfig:
         require(self.log_every >= 1, "log_every", "must be >= 1")
         require(self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
         require(self.num_samples >= 0, "num_samples", "must be >= 0")
+        require(self.ppo.ptx_coef == 0 or not text or bool(self.task.demonstrations), "ppo.ptx_coef",
+                "PPO-ptx mixes in an SFT loss on demonstrations; the task has none (set task.demonstrations "
+                "or ppo.ptx_coef=0)")
+
+    def with_stop_tokens(self, stop_token_ids: tuple[int, ...], pad_token_id: int) -> PipelineConfig:
+        """The config with the task's stop and pad tokens in ``ppo`` when ``ppo.stop_token_ids`` is empty
+        (a response ends at the task's EOS, in PPO as in evaluation and preference data). Resolved once,
+        before a run starts, and saved as resolved."""
+        if self.ppo.stop_token_ids:
+            return self
+        ppo = dataclasses.replace(self.ppo, stop_token_ids=tuple(stop_token_ids), pad_token_id=int(pad_token_id))
+        return dataclasses.replace(self, ppo=ppo)

@@ -18,34 +18,48 @@ import functools
 import jax
 import jax.numpy as jnp
 import optax
+from flax import struct
 from flax.training.train_state import TrainState
 
-from jaxppo.kl_control import update_kl_control
-from jaxppo.losses import kl_penalty, policy_loss, value_loss
-from jaxppo.masking import masked_mean
-from jaxppo.models.config import ModelConfig
-from jaxppo.optim import accumulate_gradients, skipped_updates
+from jaxppo.kl_control import KLControlState, init_kl_control, update_kl_control
+from jaxppo.losses import POLICY_LOSSES, kl_penalty, value_loss
+from jaxppo.masking import masked_mean, nonempty_rows, valid_count
+from jaxppo.models.config import ModelConfig, cast_params
+from jaxppo.models.heads import init_scalar_head
+from jaxppo.optim import accumulate_gradients, create_train_state, make_optimizer, skipped_updates
 from jaxppo.ppo_config import PPOConfig
 from jaxppo.rollout import Trajectory, make_rollout
 from jaxppo.sequences import response_logprobs, response_values
-from jaxppo.sft import sft_nll
-from jaxppo.sharding import constrain_tree
+from jaxppo.sft import sft_denominators, sft_nll
+from jaxppo.sharding import constrain_tree, init_sharded, replicate, shard_tree
 
 Array = jax.Array
 
 
-def actor_loss(config: ModelConfig, ppo: PPOConfig, params: dict, batch: dict) -> tuple[Array, dict]:
-    """The actor's minibatch loss (see the module docstring) and its diagnostics."""
+def actor_loss(config: ModelConfig, ppo: PPOConfig, params: dict, batch: dict,
+               denominators: dict | None = None) -> tuple[Array, dict]:
+    """The actor's minibatch loss (see the module docstring) and its diagnostics.
+
+    ``batch`` holds ``traj`` (a :class:`Trajectory`), ``kl_coef`` and, when ``ppo.ptx_coef > 0``,
+    ``ptx`` (an SFT batch). Every term divides by ``denominators`` (:func:`update_denominators` of
+    the whole minibatch when ``batch`` is one of its micro-batches; None: this batch's own), so the
+    micro-batches' losses, gradients and aux sum to the minibatch's; ``max_abs_log_ratio`` is a max.
+    """
     traj: Trajectory = batch["traj"]
     mask = traj.response_mask
-    shared = ppo.critic == "shared"
+    shared = ppo.critic_role == "shared"
+    if denominators is None:
+        denominators = update_denominators(batch)
+    tokens = denominators["tokens"]
     logprobs, values, ent = response_logprobs(
         config, params, traj.prompt, traj.prompt_mask, traj.response, mask, temperature=ppo.temperature,
         value_head="value_head" if shared else None, with_entropy=True,
     )
-    pg, pg_aux = policy_loss(logprobs, traj.old_logprobs, traj.advantages, mask, clip_eps=ppo.clip_eps,
-                             clip_eps_high=ppo.clip_eps_high, dual_clip=ppo.dual_clip, aggregation=ppo.aggregation)
-    entropy = masked_mean(ent, mask)
+    surrogate = POLICY_LOSSES[ppo.policy_loss]  # the plug-in point: a pure loss chosen by name
+    pg, pg_aux = surrogate.fn(logprobs, traj.old_logprobs, traj.advantages, mask, token_count=tokens,
+                              row_count=denominators["rows"],
+                              **{name: getattr(ppo, name) for name in surrogate.hyperparameters})
+    entropy = masked_mean(ent, mask, denominator=tokens)
     loss = pg - ppo.entropy_coef * entropy
     aux = {
         "policy_loss": pg, "entropy": entropy, "clip_fraction": pg_aux["clip_fraction"],
@@ -53,26 +67,41 @@ def actor_loss(config: ModelConfig, ppo: PPOConfig, params: dict, batch: dict) -
         "max_abs_log_ratio": jnp.max(jnp.where(mask > 0, jnp.abs(logprobs - traj.old_logprobs), 0.0)),
     }
     if not ppo.kl_in_reward:
-        kl = masked_mean(kl_penalty(logprobs, traj.ref_logprobs, estimator=ppo.kl_estimator), mask)
+        kl = masked_mean(kl_penalty(logprobs, traj.ref_logprobs, estimator=ppo.kl_estimator), mask, denominator=tokens)
         loss = loss + batch["kl_coef"] * kl
         aux["kl_loss"] = kl
     if shared:
-        vf, vf_aux = value_loss(values, traj.old_values, traj.returns, mask, clip_eps=ppo.value_clip_eps)
+        vf, vf_aux = value_loss(values, traj.old_values, traj.returns, mask, clip_eps=ppo.value_clip_eps,
+                                token_count=tokens)
         loss = loss + ppo.vf_coef * vf
         aux.update(value_loss=vf, value_clip_fraction=vf_aux["clip_fraction"])
     if ppo.ptx_coef > 0:
-        ptx, _ = sft_nll(config, params, batch["ptx"])
+        ptx, _ = sft_nll(config, params, batch["ptx"], denominators["ptx"])
         loss = loss + ppo.ptx_coef * ptx
         aux["ptx_loss"] = ptx
     return loss, aux
 
 
-def critic_loss(config: ModelConfig, ppo: PPOConfig, params: dict, batch: dict) -> tuple[Array, dict]:
-    """A separate critic's clipped value loss × ``vf_coef``."""
+def critic_loss(config: ModelConfig, ppo: PPOConfig, params: dict, batch: dict,
+                denominators: dict | None = None) -> tuple[Array, dict]:
+    """A separate critic's clipped value loss × ``vf_coef``; ``batch`` and ``denominators`` as in :func:`actor_loss`."""
     traj: Trajectory = batch["traj"]
+    tokens = valid_count(traj.response_mask) if denominators is None else denominators["tokens"]
     values = response_values(config, params, traj.prompt, traj.prompt_mask, traj.response, traj.response_mask)
-    vf, vf_aux = value_loss(values, traj.old_values, traj.returns, traj.response_mask, clip_eps=ppo.value_clip_eps)
+    vf, vf_aux = value_loss(values, traj.old_values, traj.returns, traj.response_mask, clip_eps=ppo.value_clip_eps,
+                            token_count=tokens)
     return ppo.vf_coef * vf, {"value_loss": vf, "value_clip_fraction": vf_aux["clip_fraction"]}
+
+
+def update_denominators(batch: dict) -> dict:
+    """What the PPO losses of a minibatch divide by, counted over the whole minibatch before it is split
+    into micro-batches: ``tokens`` (valid response tokens of ``batch["traj"]``), ``rows`` (non-empty
+    responses) and, when ``batch`` has ``ptx``, ``ptx`` (:func:`jaxppo.sft.sft_denominators`)."""
+    mask = batch["traj"].response_mask
+    counts = {"tokens": valid_count(mask), "rows": nonempty_rows(mask)}
+    if "ptx" in batch:
+        counts["ptx"] = sft_denominators(batch["ptx"])
+    return counts
 
 
 def make_update(actor_config: ModelConfig, ppo: PPOConfig, *, critic_config: ModelConfig | None = None):
@@ -84,27 +113,26 @@ def make_update(actor_config: ModelConfig, ppo: PPOConfig, *, critic_config: Mod
     ~0 (the update recomputes exactly the rollout's old log-probs).
     """
     critic_config = critic_config or actor_config
-    shared = ppo.critic == "shared"
     actor_loss_fn = functools.partial(actor_loss, actor_config, ppo)
     critic_loss_fn = functools.partial(critic_loss, critic_config, ppo)
 
     def minibatch_step(carry, minibatch):
         actor, critic, kl_coef, ptx = carry
-        batch = {"traj": minibatch, "kl_coef": kl_coef}
-        if ppo.ptx_coef > 0:
-            batch["ptx"] = ptx
+        # The trajectory and the ptx demonstrations are both split into micro-batches; every term divides
+        # by the whole minibatch's counts, so the split changes memory, not the loss or its gradient.
+        batch = {"traj": minibatch, "ptx": ptx} if ppo.ptx_coef > 0 else {"traj": minibatch}
+        denominators = update_denominators(batch)
 
-        # Only the trajectory is split into micro-batches; kl_coef and ptx stay whole.
-        def micro_loss(params, micro_traj, loss_fn=actor_loss_fn):
-            return loss_fn(params, {**batch, "traj": micro_traj})
+        def actor_micro_loss(params, micro, denominators):
+            return actor_loss_fn(params, {**micro, "kl_coef": kl_coef}, denominators)
 
-        _, aux, grads = accumulate_gradients(micro_loss, actor.params, minibatch, micro_batches=ppo.micro_batches)
+        _, aux, grads = accumulate_gradients(actor_micro_loss, actor.params, batch, denominators,
+                                             micro_batches=ppo.micro_batches, max_metrics=("max_abs_log_ratio",))
         aux["actor_grad_norm"] = optax.tree.norm(grads)
         actor = actor.apply_gradients(grads=grads)
-        if not shared:
+        if ppo.critic_role == "separate":
             _, critic_aux, critic_grads = accumulate_gradients(
-                functools.partial(micro_loss, loss_fn=critic_loss_fn), critic.params, minibatch,
-                micro_batches=ppo.micro_batches)
+                critic_loss_fn, critic.params, {"traj": minibatch}, denominators, micro_batches=ppo.micro_batches)
             critic_aux["critic_grad_norm"] = optax.tree.norm(critic_grads)
             critic = critic.apply_gradients(grads=critic_grads)
             aux.update(critic_aux)
@@ -129,52 +157,132 @@ def make_update(actor_config: ModelConfig, ppo: PPOConfig, *, critic_config: Mod
         metrics["first_max_abs_log_ratio"] = aux["max_abs_log_ratio"][0, 0]
         # cumulative count of minibatch steps skipped for non-finite gradients (optim.make_optimizer)
         metrics["actor_skipped_updates"] = skipped_updates(actor)
-        if not shared:
+        if ppo.critic_role == "separate":
             metrics["critic_skipped_updates"] = skipped_updates(critic)
         return actor, critic, metrics
 
     return update
 
 
+class PPOState(struct.PyTreeNode):
+    """The trained side of PPO, donated and returned by every iteration.
+
+    ``critic`` is None for a shared-trunk value head (it lives in the actor's params as
+    ``value_head``) and for estimators that need no critic; ``kl`` is the KL controller's state.
+    """
+
+    actor: TrainState
+    critic: TrainState | None
+    kl: KLControlState
+
+
+class FrozenRoles(struct.PyTreeNode):
+    """The frozen side of PPO: the reference (KL anchor) and the reward model, as bare params stored
+    in ``ppo.frozen_dtype``; ``reward`` is None when a reward function scores the responses."""
+
+    reference: dict
+    reward: dict | None
+
+
+def frozen_roles(ppo: PPOConfig, mesh, *, reference: dict, reward: dict | None) -> FrozenRoles:
+    """:class:`FrozenRoles` with their own sharded buffers (never aliasing a donated train state), in
+    ``ppo.frozen_dtype``; a ``value_head`` of the reference (a refreshed shared-critic actor) is dropped."""
+    reference = {k: v for k, v in reference.items() if k != "value_head"}
+    own = lambda tree: None if tree is None else shard_tree(jax.tree.map(jnp.copy, cast_params(tree, ppo.frozen_dtype)), mesh)  # noqa: E731
+    return FrozenRoles(own(reference), own(reward))
+
+
+def init_ppo(config: ModelConfig, ppo: PPOConfig, mesh, *, sft_params: dict, reward_params: dict | None,
+             key: Array) -> tuple[PPOState, FrozenRoles]:
+    """The PPO roles built already sharded by :data:`jaxppo.sharding.RULES`, each with its own buffers.
+
+    * actor: the SFT params (plus a zero-initialised ``value_head`` for ``ppo.critic="shared"``),
+      AdamW with ``ppo.learning_rate``;
+    * critic (only when the estimator needs one and ``ppo.critic="separate"``): the reward model's
+      trunk and head (``critic_init="reward_model"``, InstructGPT) or the SFT trunk with a new value
+      head (``"sft"``), with ``ppo.critic_learning_rate``;
+    * KL controller at β = ``ppo.kl_coef``; frozen reference = SFT params, reward = ``reward_params``.
+    """
+    actor_params = {k: v for k, v in sft_params.items() if k != "value_head"}
+    critic = None
+    if ppo.critic_role == "shared":
+        actor_params["value_head"] = init_scalar_head(config, key, "value_head")
+    elif ppo.critic_role == "separate":
+        if ppo.critic_init == "reward_model":
+            if reward_params is None:
+                raise ValueError("config field `ppo.critic_init`: 'reward_model' needs a reward model; use 'sft'")
+            critic_params = {k: v for k, v in reward_params.items() if k != "reward_head"}
+            critic_params["value_head"] = reward_params["reward_head"]
+        else:
+            critic_params = {k: v for k, v in sft_params.items() if k != "lm_head"}
+            critic_params["value_head"] = init_scalar_head(config, key, "value_head")
+        tx = make_optimizer(learning_rate=ppo.critic_learning_rate or ppo.learning_rate,
+                            max_grad_norm=ppo.max_grad_norm)
+        critic = init_sharded(lambda p: create_train_state(p, tx), mesh, critic_params)
+    tx = make_optimizer(learning_rate=ppo.learning_rate, max_grad_norm=ppo.max_grad_norm)
+    actor = init_sharded(lambda p: create_train_state(p, tx), mesh, actor_params)
+    kl = replicate(init_kl_control(kl_coef=ppo.kl_coef), mesh)  # updated on device from the KL metric
+    return PPOState(actor, critic, kl), frozen_roles(ppo, mesh, reference=sft_params, reward=reward_params)
+
+
+def ppo_iteration(rollout, update, ppo: PPOConfig, state: PPOState, frozen: FrozenRoles, prompt: Array,
+                  prompt_mask: Array, sample_key: Array, update_key: Array, ptx=None):
+    """One PPO iteration — rollout, update, KL controller — as ``(state, samples, metrics)``.
+
+    The one body of both forms of :func:`make_iteration`: traced into one XLA program (fused), or
+    called from the host with the jitted ``rollout`` and ``update`` as two programs (unfused).
+    """
+    critic_params = None if state.critic is None else state.critic.params
+    traj, metrics = rollout(state.actor.params, critic_params, frozen.reference, frozen.reward, prompt,
+                            prompt_mask, sample_key, state.kl.kl_coef)
+    actor, critic, update_metrics = update(state.actor, state.critic, traj, update_key, state.kl.kl_coef, ptx)
+    kl = update_kl_control(state.kl, metrics["kl"], n_steps=ppo.batch_size, target=ppo.kl_target,
+                           horizon=ppo.kl_horizon)
+    samples = {"prompt": traj.prompt, "prompt_mask": traj.prompt_mask, "response": traj.response,
+               "response_mask": traj.response_mask}
+    return PPOState(actor, critic, kl), samples, {**metrics, **update_metrics}
+
+
 def make_iteration(actor_config: ModelConfig, ppo: PPOConfig, *, critic_config: ModelConfig | None = None,
-                   reward_config: ModelConfig | None = None, reward_pooling: str = "last", score_fn=None):
-    """Jitted ``iterations(actor, critic, reference, reward, kl_state, prompts, prompt_masks, sample_keys,
-    update_keys, ptx) -> (actor, critic, kl_state, samples, metrics)``: whole PPO iterations — rollout,
-    scoring, rewards, GAE, epochs × minibatches of updates, the KL controller — as **one XLA program**
-    (the purejaxrl design); the host only logs and checkpoints.
+                   reward_config: ModelConfig | None = None, reward_pooling: str = "last", score_fn=None,
+                   gold_fn=None, fused: bool | None = None):
+    """``iterations(state, frozen, prompts, prompt_masks, sample_keys, update_keys, ptx) -> (state,
+    samples, metrics)``: K PPO iterations of :func:`ppo_iteration` (rollout, scoring, rewards,
+    estimator, epochs × minibatches of updates, the KL controller).
+
+    ``fused`` (default ``ppo.fused``): the K iterations are a ``lax.scan`` in **one XLA program**
+    (the purejaxrl design; the host only logs and checkpoints), traced once per K and shapes, the
+    state donated. Unfused (debugging): the same body called from the host K times, with a jitted
+    rollout and a jitted update.
 
     Every per-iteration input has a leading axis K: ``prompts`` / ``prompt_masks`` ``[K, B, P]``,
     ``sample_keys`` / ``update_keys`` ``[K]``, ``ptx`` (an SFT batch per iteration when
-    ``ppo.ptx_coef > 0``, else None) ``[K, ...]``; the K iterations are a ``lax.scan``, so K = 1 is
-    one iteration and K > 1 folds iterations between which no host work is due. Returns the states
-    after the K iterations, ``samples`` (``prompt``, ``prompt_mask``, ``response``, ``response_mask``,
-    each ``[K, B, ...]``, for host-side gold rewards) and ``metrics`` ``{name: [K]}``. Iteration k is
-    exactly :func:`jaxppo.rollout.make_rollout` then :func:`make_update` with the k-th keys, so the
-    result equals the two-function loop up to float rounding. ``actor``, ``critic`` and
-    ``kl_state`` are donated; traced once per K and shapes.
+    ``ppo.ptx_coef > 0``, else None) ``[K, ...]``. Returns the state after the K iterations,
+    ``samples`` (``prompt``, ``prompt_mask``, ``response``, ``response_mask``, each ``[K, B, ...]``,
+    for host-side rewards) and ``metrics`` ``{name: [K]}``; ``score_fn`` / ``gold_fn`` as in
+    :func:`jaxppo.rollout.make_rollout`.
     """
     rollout = make_rollout(actor_config, ppo, critic_config=critic_config, reward_config=reward_config,
-                           reward_pooling=reward_pooling, score_fn=score_fn)
-    update = make_update(actor_config, ppo, critic_config=critic_config)  # both inlined into the one program
+                           reward_pooling=reward_pooling, score_fn=score_fn, gold_fn=gold_fn)
+    update = make_update(actor_config, ppo, critic_config=critic_config)
+    body = functools.partial(ppo_iteration, rollout, update, ppo)
 
-    def one_iteration(carry, xs):
-        actor, critic, kl_state, reference, reward = carry
-        prompt, prompt_mask, sample_key, update_key, ptx = xs
-        traj, metrics = rollout(actor.params, None if critic is None else critic.params, reference, reward,
-                                prompt, prompt_mask, sample_key, kl_state.kl_coef)
-        actor, critic, update_metrics = update(actor, critic, traj, update_key, kl_state.kl_coef, ptx)
-        kl_state = update_kl_control(kl_state, metrics["kl"], n_steps=ppo.batch_size, target=ppo.kl_target,
-                                     horizon=ppo.kl_horizon)
-        samples = {"prompt": traj.prompt, "prompt_mask": traj.prompt_mask, "response": traj.response,
-                   "response_mask": traj.response_mask}
-        return (actor, critic, kl_state, reference, reward), (samples, {**metrics, **update_metrics})
+    @functools.partial(jax.jit, donate_argnums=0)
+    def fused_iterations(state, frozen, prompts, prompt_masks, sample_keys, update_keys, ptx=None):
+        def step(state, xs):
+            state, samples, metrics = body(state, frozen, *xs)
+            return state, (samples, metrics)
 
-    @functools.partial(jax.jit, donate_argnums=(0, 1, 4))
-    def iterations(actor, critic, reference, reward, kl_state, prompts, prompt_masks, sample_keys, update_keys,
-                   ptx=None):
-        carry = (actor, critic, kl_state, reference, reward)
-        (actor, critic, kl_state, _, _), (samples, metrics) = jax.lax.scan(
-            one_iteration, carry, (prompts, prompt_masks, sample_keys, update_keys, ptx))
-        return actor, critic, kl_state, samples, metrics
+        state, (samples, metrics) = jax.lax.scan(step, state, (prompts, prompt_masks, sample_keys, update_keys, ptx))
+        return state, samples, metrics
 
-    return iterations
+    def unfused_iterations(state, frozen, prompts, prompt_masks, sample_keys, update_keys, ptx=None):
+        outputs = []
+        for k in range(prompts.shape[0]):
+            xs = jax.tree.map(lambda x: x[k], (prompts, prompt_masks, sample_keys, update_keys, ptx))
+            state, samples, metrics = body(state, frozen, *xs)
+            outputs.append((samples, metrics))
+        samples, metrics = jax.tree.map(lambda *xs: jnp.stack(xs), *outputs)
+        return state, samples, metrics
+
+    return fused_iterations if (ppo.fused if fused is None else fused) else unfused_iterations

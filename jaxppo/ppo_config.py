@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
+from jaxppo.advantages import ESTIMATORS
 from jaxppo.config import require
-from jaxppo.losses import AGGREGATIONS, KL_ESTIMATORS
+from jaxppo.losses import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
 from jaxppo.models.config import DTYPES
 
 CRITICS = ("separate", "shared")
@@ -31,12 +32,15 @@ class PPOConfig:
     kl_coef: float = 0.05  # β >= 0: weight of the KL to the reference policy (initial β when adaptive)
     kl_target: float | None = None  # None: fixed β; else adapt β to this sequence KL (nats; Ziegler et al. 2019)
     kl_horizon: float = 10_000.0  # adaptive β moves <= 20 % × batch_size / kl_horizon per iteration
-    kl_estimator: str = "k1"  # per-token KL estimate: k1 (log-ratio), k2, k3 or abs (losses.kl_penalty)
+    # per-token KL estimate: k1 (log-ratio), k2, k3 or abs (losses.kl_penalty); None: k1 in the reward, k3 as a
+    # loss. As a loss only k2 / k3 work: k1's expected gradient is 0 (E_π[∇log π] = 0), abs's is not KL's.
+    kl_estimator: str | None = None
     kl_in_reward: bool = True  # True: −β·KL in the per-token rewards; False: β·KL as an actor loss term (GRPO style)
     gamma: float = 1.0  # discount per response token, in [0, 1]
     lam: float = 0.95  # GAE λ in [0, 1]
     whiten_rewards: bool = False  # scale per-token rewards to unit std over the batch (mean kept)
     whiten_advantages: bool = True  # whiten advantages to mean 0, std 1 over the batch's valid tokens
+    estimator: str = "gae"  # advantage estimator, a name in jaxppo.advantages.ESTIMATORS ("gae": critic + GAE)
     # update
     epochs: int = 4  # passes over each rollout batch
     minibatches: int = 4  # minibatches per epoch; must divide batch_size
@@ -50,6 +54,7 @@ class PPOConfig:
     value_clip_eps: float | None = 0.2  # value loss clips new values to old ± this; None: unclipped
     vf_coef: float = 0.1  # weight of the value loss
     entropy_coef: float = 0.0  # weight of the entropy bonus (subtracted from the actor loss)
+    policy_loss: str = "clip"  # actor surrogate, a name in jaxppo.losses.POLICY_LOSSES ("clip": token-level PPO clip)
     aggregation: str = "token-mean"  # token losses → scalar: token-mean, seq-mean-token-mean or seq-mean-token-sum
     critic: str = "separate"  # "separate": its own model; "shared": a value head on the actor's trunk
     critic_init: str = "reward_model"  # separate critic from "reward_model" (its head → value head) or "sft" (new head)
@@ -72,8 +77,16 @@ class PPOConfig:
                 f"the minibatch size {minibatch} must be divisible by micro_batches={self.micro_batches}")
         require(self.batch_size % self.score_micro_batches == 0, "ppo.score_micro_batches",
                 f"batch_size={self.batch_size} must be divisible by score_micro_batches={self.score_micro_batches}")
+        if self.kl_estimator is None:  # resolved here, so a saved config shows the estimator that ran
+            object.__setattr__(self, "kl_estimator", "k1" if self.kl_in_reward else "k3")
         require(self.kl_estimator in KL_ESTIMATORS, "ppo.kl_estimator", f"{self.kl_estimator!r} not in {KL_ESTIMATORS}")
+        require(self.kl_in_reward or self.kl_estimator in ("k2", "k3"), "ppo.kl_estimator",
+                f"{self.kl_estimator!r} as a loss term (ppo.kl_in_reward=False) has an expected gradient that is "
+                "zero (k1) or not the gradient of KL(π‖π_ref) (abs); use 'k3' or 'k2' (or None: k3)")
         require(self.aggregation in AGGREGATIONS, "ppo.aggregation", f"{self.aggregation!r} not in {AGGREGATIONS}")
+        require(self.policy_loss in POLICY_LOSSES, "ppo.policy_loss",
+                f"{self.policy_loss!r} not in {tuple(POLICY_LOSSES)}")
+        require(self.estimator in ESTIMATORS, "ppo.estimator", f"{self.estimator!r} not in {tuple(ESTIMATORS)}")
         require(self.critic in CRITICS, "ppo.critic", f"{self.critic!r} not in {CRITICS}")
         require(self.critic_init in ("reward_model", "sft"), "ppo.critic_init", f"{self.critic_init!r}")
         require(self.kl_coef >= 0, "ppo.kl_coef", f"must be >= 0, got {self.kl_coef}")
@@ -87,6 +100,11 @@ class PPOConfig:
                 f"{self.frozen_dtype!r} not in {DTYPES}")
         require(self.fused or self.iterations_per_call == 1, "ppo.iterations_per_call",
                 "folding iterations into one call needs ppo.fused=True")
+
+    @property
+    def critic_role(self) -> str:
+        """``"separate"`` or ``"shared"`` (``critic``) when the estimator needs a critic, else ``"none"``."""
+        return self.critic if ESTIMATORS[self.estimator].needs_critic else "none"
 
     @property
     def minibatch_size(self) -> int:

@@ -20,17 +20,17 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax.training.train_state import TrainState
 
-from jaxppo.losses import bradley_terry_loss, plackett_luce_loss
+from jaxppo.losses import OBJECTIVES, bradley_terry_loss, plackett_luce_loss, ranking_counts
 from jaxppo.models.config import ModelConfig
 from jaxppo.optim import accumulate_gradients, skipped_updates
 from jaxppo.models.heads import scalar_head
 from jaxppo.sequences import response_features
 from jaxppo.sharding import constrain_tree
 
-OBJECTIVES = ("bradley_terry", "plackett_luce")
 
 
 def pair_features(config: ModelConfig, params: dict, batch: dict, *, pooling: str = "last") -> tuple[jax.Array, jax.Array]:
@@ -65,15 +65,30 @@ def list_scores(config: ModelConfig, params: dict, batch: dict, *, pooling: str 
     return scalar_head(params["reward_head"], list_features(config, params, batch, pooling=pooling))
 
 
-def pair_loss(config: ModelConfig, params: dict, batch: dict, *, use_margin: bool = False, pooling: str = "last"):
-    """Bradley–Terry loss of a batch of pairs."""
+def preference_denominators(batch: dict, *, objective: str = "bradley_terry") -> dict:
+    """The counts the reward-model loss of ``batch`` divides by: ``{"pairs"}`` (rows) for pairs,
+    ``{"lists", "pairs"}`` (lists with >= 2 items; ranked pairs) for ranked lists
+    (:func:`jaxppo.losses.ranking_counts`). Computed on a whole batch before micro-batching."""
+    if objective == "bradley_terry":
+        return {"pairs": jnp.float32(batch["prompt"].shape[0])}
+    counts = ranking_counts(jnp.ones(batch["responses"].shape[:2], bool))  # every list holds K valid items
+    return {"lists": counts["list_count"], "pairs": counts["pair_count"]}
+
+
+def pair_loss(config: ModelConfig, params: dict, batch: dict, denominators: dict | None = None, *,
+              use_margin: bool = False, pooling: str = "last"):
+    """Bradley–Terry loss of a batch of pairs; ``denominators``: :func:`preference_denominators` of the
+    whole batch when ``batch`` is a micro-batch of it (None: this batch's own)."""
     chosen, rejected = pair_scores(config, params, batch, pooling=pooling)
-    return bradley_terry_loss(chosen, rejected, margin=batch["margin"] if use_margin else None)
+    return bradley_terry_loss(chosen, rejected, margin=batch["margin"] if use_margin else None,
+                              pair_count=None if denominators is None else denominators["pairs"])
 
 
-def ranking_loss(config: ModelConfig, params: dict, batch: dict, *, pooling: str = "last"):
-    """Plackett–Luce loss of a batch of ranked lists."""
-    return plackett_luce_loss(list_scores(config, params, batch, pooling=pooling))
+def ranking_loss(config: ModelConfig, params: dict, batch: dict, denominators: dict | None = None, *,
+                 pooling: str = "last"):
+    """Plackett–Luce loss of a batch of ranked lists; ``denominators`` as in :func:`pair_loss`."""
+    counts = {} if denominators is None else {"list_count": denominators["lists"], "pair_count": denominators["pairs"]}
+    return plackett_luce_loss(list_scores(config, params, batch, pooling=pooling), **counts)
 
 
 def _loss_fn(config: ModelConfig, objective: str, use_margin: bool, pooling: str = "last"):
@@ -88,8 +103,8 @@ def head_only(loss_fn, head: str = "reward_head"):
     """``loss_fn`` with every parameter but ``head`` behind ``stop_gradient``: a linear probe on the
     frozen trunk's features. Their gradients are exact zeros (Adam then leaves them unchanged) and
     XLA prunes the trunk's backward pass, so a step costs about one forward pass."""
-    def frozen_trunk_loss(params, batch):
-        return loss_fn({k: v if k == head else jax.lax.stop_gradient(v) for k, v in params.items()}, batch)
+    def frozen_trunk_loss(params, batch, *args):
+        return loss_fn({k: v if k == head else jax.lax.stop_gradient(v) for k, v in params.items()}, batch, *args)
 
     return frozen_trunk_loss
 
@@ -107,7 +122,9 @@ def make_reward_step(config: ModelConfig, *, objective: str = "bradley_terry", u
 
     @functools.partial(jax.jit, donate_argnums=0)
     def step(state: TrainState, batch: dict):
-        loss, aux, grads = accumulate_gradients(loss_fn, state.params, batch, micro_batches=micro_batches)
+        loss, aux, grads = accumulate_gradients(loss_fn, state.params, batch,
+                                                preference_denominators(batch, objective=objective),
+                                                micro_batches=micro_batches)
         state = constrain_tree(state.apply_gradients(grads=grads))
         metrics = {"loss": loss, "accuracy": aux["accuracy"], "grad_norm": optax.tree.norm(grads),
                    "skipped_updates": skipped_updates(state)}
@@ -180,3 +197,48 @@ def normalize_reward_head(params: dict, scores: jax.Array, *, head: str = "rewar
     gain = 1.0 / (std + eps)
     new_head = {"kernel": params[head]["kernel"] * gain, "bias": (params[head]["bias"] - mean) * gain}
     return {**params, head: new_head}
+
+
+def standardize_features(features: dict, eps: float = 1e-6) -> tuple[dict, np.ndarray, np.ndarray]:
+    r"""Each feature dimension to mean 0, std 1 over all responses of a :func:`features_of` dict.
+
+    A transformer's hidden dimensions differ in scale by orders of magnitude, which a
+    per-coordinate learning rate handles badly, so :func:`fit_probe` trains on
+    :math:`\tilde h = (h − μ)/σ`. Returns ``(standardised features, μ [D], σ [D])`` (host arrays;
+    ``margin`` passes through).
+    """
+    responses = np.concatenate([np.asarray(v).reshape(-1, np.shape(v)[-1]) for k, v in features.items()
+                                if k != "margin"])
+    mu, sigma = responses.mean(0), responses.std(0) + eps
+    return {k: v if k == "margin" else (np.asarray(v) - mu) / sigma for k, v in features.items()}, mu, sigma
+
+
+def head_on_standardized(head: dict, mu: np.ndarray, sigma: np.ndarray) -> dict:
+    r"""The head that scores standardised features as ``head`` scores raw ones: ``w_s = σ ⊙ w``,
+    ``b_s = b + μ · w`` (inverse of :func:`head_on_raw`)."""
+    kernel, bias = (np.asarray(head[k]) for k in ("kernel", "bias"))
+    return {"kernel": jnp.asarray(kernel * sigma[:, None]), "bias": jnp.asarray(bias + mu @ kernel)}
+
+
+def head_on_raw(head: dict, mu: np.ndarray, sigma: np.ndarray) -> dict:
+    r"""A head trained on standardised features folded back to score raw features:
+    ``w = w_s / σ``, ``b = b_s − (μ / σ) · w_s``."""
+    kernel, bias = (np.asarray(head[k]) for k in ("kernel", "bias"))
+    return {"kernel": jnp.asarray(kernel / sigma[:, None]), "bias": jnp.asarray(bias - (mu / sigma) @ kernel)}
+
+
+def pair_gold_accuracy(chosen_scores, rejected_scores, gold_diff) -> float:
+    """Fraction of pairs with a strict gold order (``gold_diff`` ≠ 0) whose score order agrees."""
+    diff = np.asarray(gold_diff)
+    agree = np.sign(np.asarray(chosen_scores) - np.asarray(rejected_scores)) == np.sign(diff)
+    return float(agree[diff != 0].mean())
+
+
+def list_gold_accuracy(scores, gold) -> float:
+    """Fraction of the pairs (i, j) within lists ``[B, K]`` with different gold rewards whose score
+    order agrees with the gold order."""
+    scores, gold = np.asarray(scores), np.asarray(gold)
+    i, j = np.triu_indices(scores.shape[1], 1)
+    strict = gold[:, i] != gold[:, j]
+    agree = np.sign(scores[:, i] - scores[:, j]) == np.sign(gold[:, i] - gold[:, j])
+    return float(agree[strict].mean())

@@ -14,7 +14,9 @@ pipeline, Ziegler et al. 2019):
    ``missing_eos_penalty``;
 4. per-token rewards −β·KL_t plus the score at the last token (:func:`~jaxppo.advantages.kl_shaped_rewards`),
    optionally whitened without shifting their mean;
-5. GAE by reverse scan, then optional advantage whitening.
+5. advantages and returns from the estimator that ``ppo.estimator`` names in
+   :data:`jaxppo.advantages.ESTIMATORS` (PPO: GAE by reverse scan over the critic's values), then
+   optional advantage whitening.
 
 The scoring passes (2–3) can run over ``ppo.score_micro_batches`` slices of the batch in turn
 (:func:`micro_batched`): the same values, a fraction of the activation memory.
@@ -26,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jaxppo.advantages import explained_variance, gae, kl_shaped_rewards, sequence_sum, whiten
+from jaxppo.advantages import ESTIMATORS, AdvantageInputs, explained_variance, kl_shaped_rewards, sequence_sum, whiten
 from jaxppo.masking import masked_mean
 from jaxppo.models.config import ModelConfig, cast_params, with_dtype
 from jaxppo.optim import split_micro_batches
@@ -72,6 +74,7 @@ def make_rollout(
     reward_config: ModelConfig | None = None,
     reward_pooling: str = "last",
     score_fn=None,
+    gold_fn=None,
 ):
     """Jitted ``rollout(actor, critic, reference, reward, prompt, prompt_mask, key, kl_coef)``.
 
@@ -81,9 +84,11 @@ def make_rollout(
     "shared"``). With ``score_fn(prompt,
     prompt_mask, response, response_mask) -> [B]`` (a programmatic, verifiable reward) the score
     comes from it and ``reward`` is ignored; ``reward_pooling`` is the reward model's
-    (:func:`jaxppo.sequences.response_scores`). Returns ``(Trajectory, metrics)``. Traced once per
-    prompt shape.
+    (:func:`jaxppo.sequences.response_scores`). With ``gold_fn`` (same signature, jittable: a task's
+    hidden gold reward) the metrics also hold its mean, ``gold_reward``, computed inside the program.
+    Returns ``(Trajectory, metrics)``. Traced once per prompt shape.
     """
+    estimator = ESTIMATORS[ppo.estimator]
     critic_config = critic_config or actor_config
     # frozen roles in ppo.frozen_dtype (their params are cast here too; pass them already cast to save memory)
     reference_config = with_dtype(actor_config, ppo.frozen_dtype)
@@ -92,7 +97,7 @@ def make_rollout(
         max_new_tokens=ppo.max_new_tokens, temperature=ppo.temperature, top_k=ppo.top_k, top_p=ppo.top_p,
         stop_token_ids=ppo.stop_token_ids, pad_token_id=ppo.pad_token_id,
     )
-    shared = ppo.critic == "shared"
+    shared, separate = ppo.critic_role == "shared", ppo.critic_role == "separate"
 
     @jax.jit
     def rollout(actor, critic, reference, reward, prompt, prompt_mask, key, kl_coef):
@@ -106,7 +111,7 @@ def make_rollout(
             if shared or not ppo.sampler_logprobs:
                 logprobs, values, _ = response_logprobs(actor_config, actor, *args, temperature=ppo.temperature,
                                                         value_head="value_head" if shared else None)
-            if not shared:
+            if separate:
                 values = response_values(critic_config, critic, *args)
             ref_logprobs, _, _ = response_logprobs(reference_config, reference, *args, temperature=ppo.temperature)
             proxy = score_fn(*args) if score_fn is not None else response_scores(reward_config, reward, *args,
@@ -117,13 +122,16 @@ def make_rollout(
         if ppo.sampler_logprobs:
             old_logprobs = out.logprobs
         stopped = jnp.any((mask > 0) & jnp.isin(response, jnp.asarray(ppo.stop_token_ids or (-1,))), axis=1)
-        scores = jnp.where(stopped, proxy, proxy - ppo.missing_eos_penalty)
+        # without stop tokens no response can stop: there is nothing to penalise
+        penalty = ppo.missing_eos_penalty if ppo.stop_token_ids else 0.0
+        scores = jnp.where(stopped, proxy, proxy - penalty)
         beta = kl_coef if ppo.kl_in_reward else 0.0
         rewards, kl = kl_shaped_rewards(scores, old_logprobs, ref_logprobs, mask, kl_coef=beta,
                                         estimator=ppo.kl_estimator)
         if ppo.whiten_rewards:
             rewards = whiten(rewards, mask, shift_mean=False)
-        advantages, returns = gae(rewards, values, mask, gamma=ppo.gamma, lam=ppo.lam)
+        hyperparameters = {name: getattr(ppo, name) for name in estimator.hyperparameters}
+        advantages, returns = estimator.fn(AdvantageInputs(scores, rewards, values, mask), **hyperparameters)
         if ppo.whiten_advantages:
             advantages = whiten(advantages, mask)
         traj = Trajectory(prompt, prompt_mask, response, mask, old_logprobs, ref_logprobs, values, scores,
@@ -135,10 +143,13 @@ def make_rollout(
             "kl_coef": jnp.asarray(kl_coef, jnp.float32),
             "response_length": jnp.mean(jnp.sum(mask, axis=1)),
             "stopped_fraction": jnp.mean(stopped.astype(jnp.float32)),
-            "value_mean": masked_mean(values, mask),
             "return_mean": masked_mean(returns, mask),
-            "explained_variance": explained_variance(values, returns, mask),
         }
+        if values is not None:
+            metrics.update(value_mean=masked_mean(values, mask),
+                           explained_variance=explained_variance(values, returns, mask))
+        if gold_fn is not None:
+            metrics["gold_reward"] = jnp.mean(gold_fn(*args).astype(jnp.float32))
         return traj, metrics
 
     return rollout

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from jaxppo.config import require
 from jaxppo.models.config import ModelConfig
 from jaxppo.models.heads import lm_logits
 from jaxppo.models.llama import KVCache, decoder_hidden
@@ -44,14 +45,10 @@ class SamplingParams:
     pad_token_id: int = 0
 
     def __post_init__(self):
-        def need(cond, field, msg):
-            if not cond:
-                raise ValueError(f"SamplingParams field `{field}`: {msg}")
-
-        need(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
-        need(self.temperature >= 0, "temperature", f"must be >= 0, got {self.temperature}")
-        need(self.top_k >= 0, "top_k", f"must be >= 0, got {self.top_k}")
-        need(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
+        require(self.max_new_tokens >= 1, "sampling.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        require(self.temperature >= 0, "sampling.temperature", f"must be >= 0, got {self.temperature}")
+        require(self.top_k >= 0, "sampling.top_k", f"must be >= 0, got {self.top_k}")
+        require(0 < self.top_p <= 1, "sampling.top_p", f"must be in (0, 1], got {self.top_p}")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
 
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxppo.masking import last_valid_index
 from jaxppo.models.config import ModelConfig
-from jaxppo.models.heads import chosen_logprobs, last_real_index, scalar_head
+from jaxppo.models.heads import chosen_logprobs, scalar_head
 from jaxppo.models.llama import decoder_hidden
 
 Array = jax.Array
@@ -91,7 +92,8 @@ def response_features(
     hidden, _ = decoder_hidden(config, params, tokens, mask)
     hidden = hidden.astype(jnp.float32)
     if pooling == "last":
-        return jnp.take_along_axis(hidden, last_real_index(mask)[:, None, None], axis=1)[:, 0]
+        last = jnp.maximum(last_valid_index(mask), 0)  # an empty sequence (never in practice) reads position 0
+        return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
     weights = response_mask.astype(jnp.float32)[..., None]  # [B, N, 1]
     return jnp.sum(hidden[:, prompt.shape[1]:] * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
 

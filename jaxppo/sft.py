@@ -5,8 +5,9 @@ A batch is a dict of ``prompt`` ``[B, P]`` (left-padded), ``prompt_mask``, ``res
 
 .. math:: L = −\\frac{1}{\\sum m}\\sum_{b,t} m_{bt} \\log π_θ(y_{bt} \\mid x_b, y_{b,<t})
 
-(the quantity of :func:`jaxppo.losses.sft_loss`, computed from chunked log-probs of the response
-tokens so the ``[B, T, V]`` logits never exist at once.)
+(:func:`jaxppo.losses.sft_loss` of the response tokens' log-probs, computed in chunks so the
+``[B, T, V]`` logits never exist at once.) With micro-batches, the sum over a micro-batch is divided
+by the whole batch's token count (:func:`sft_denominators`), so micro-batching leaves the loss as is.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import jax
 import optax
 from flax.training.train_state import TrainState
 
-from jaxppo.masking import masked_mean
+from jaxppo.losses import sft_loss
+from jaxppo.masking import valid_count
 from jaxppo.models.config import ModelConfig
 from jaxppo.optim import accumulate_gradients, skipped_updates
 from jaxppo.sequences import response_logprobs
@@ -26,10 +28,20 @@ from jaxppo.sharding import constrain_tree
 SFT_KEYS = ("prompt", "prompt_mask", "response", "response_mask")
 
 
-def sft_nll(config: ModelConfig, params: dict, batch: dict) -> tuple[jax.Array, dict]:
-    """Masked mean NLL of the response tokens and ``{"nll": …}``."""
+def sft_denominators(batch: dict) -> dict:
+    """``{"tokens": …}``: the batch's count of trained (response) tokens, which :func:`sft_nll` divides by."""
+    return {"tokens": valid_count(batch["response_mask"])}
+
+
+def sft_nll(config: ModelConfig, params: dict, batch: dict, denominators: dict | None = None) -> tuple[jax.Array, dict]:
+    """Masked mean NLL of the response tokens and ``{"nll": …}``.
+
+    ``denominators`` (:func:`sft_denominators` of the whole batch when ``batch`` is a micro-batch of
+    it); None: this batch's own.
+    """
     logprobs, _, _ = response_logprobs(config, params, *(batch[k] for k in SFT_KEYS))
-    nll = -masked_mean(logprobs, batch["response_mask"])
+    tokens = None if denominators is None else denominators["tokens"]
+    nll = sft_loss(logprobs, batch["response_mask"], token_count=tokens)
     return nll, {"nll": nll}
 
 
@@ -39,7 +51,7 @@ def make_sft_step(config: ModelConfig, *, micro_batches: int = 1):
     @functools.partial(jax.jit, donate_argnums=0)
     def step(state: TrainState, batch: dict):
         loss, _, grads = accumulate_gradients(functools.partial(sft_nll, config), state.params, batch,
-                                              micro_batches=micro_batches)
+                                              sft_denominators(batch), micro_batches=micro_batches)
         state = constrain_tree(state.apply_gradients(grads=grads))
         return state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "skipped_updates": skipped_updates(state)}
 

@@ -1,6 +1,6 @@
 """Tasks: where prompts, demonstrations and preference labels come from, and the hidden gold reward.
 
-The host loops in :mod:`jaxppo.train` see a task only through this small interface, so a fork can
+The stages in :mod:`jaxppo.pipeline` see a task only through this small interface, so a fork can
 add one without touching them:
 
 * ``prompts(stream, step, n)`` → ``(prompt [n, P], prompt_mask [n, P])``, a pure function of
@@ -8,8 +8,10 @@ add one without touching them:
 * ``eval_prompts()`` → the fixed evaluation prompts;
 * ``demonstrations(stream, step, n, prompts=None)`` → an SFT batch dict or ``None`` (no data);
 * ``preference_file()`` → file-labelled preference pairs / rankings or ``None`` (then the reward
-  model learns from policy samples labelled by ``gold`` with Bradley–Terry noise);
-* ``gold(prompt, prompt_mask, response, response_mask)`` → ``[B]`` float64 on the host;
+  model learns from policy samples labelled by ``gold`` with noise ``preference_beta``, see
+  :mod:`jaxppo.preferences`);
+* ``gold(prompt, prompt_mask, response, response_mask)`` → ``[B]`` float64 on the host, and
+  ``gold_fn``: the same as a jittable function (computed inside the PPO program) or None;
 * ``render(...)`` → readable (prompt, response) strings for sample dumps.
 
 Two tasks ship: :class:`ToyTask` (the embedded, download-free demo of :mod:`jaxppo.toy_task`) and
@@ -31,6 +33,7 @@ import numpy as np
 from jaxppo import toy_task
 from jaxppo.config import require
 from jaxppo.data import TextFormat, batch_indices, load_demonstrations, load_preferences, load_prompts, load_rankings
+from jaxppo.rng import stream_seed
 
 Array = jax.Array
 
@@ -56,12 +59,6 @@ GOLD_REWARDS: dict[str, tuple[Callable[[list[str]], np.ndarray], float]] = {
 }
 
 
-def bradley_terry_labels(key: Array, gold_a, gold_b, *, beta: float) -> np.ndarray:
-    """Noisy labels ``[B]`` (True: a ≻ b) drawn with P(a ≻ b) = σ(β (gold_a − gold_b))."""
-    p = jax.nn.sigmoid(beta * (jnp.asarray(gold_a, jnp.float32) - jnp.asarray(gold_b, jnp.float32)))
-    return np.asarray(jax.random.uniform(key, p.shape) < p)
-
-
 # ------------------------------------------------------------------------------------ toy task
 
 class ToyTask:
@@ -76,8 +73,10 @@ class ToyTask:
         self.max_response_tokens = config.max_response_tokens
         self.optimal_gold = config.optimal_gold
         self.tokenizer = None
+        self.preference_beta = config.preference_beta
         self._eval = toy_task.sample_prompts(config, key_fn("eval", 0), eval_prompts)
-        self._gold = jax.jit(functools.partial(toy_task.gold_reward, config))
+        self.gold_fn = functools.partial(toy_task.gold_reward, config)  # jittable: computed inside PPO programs
+        self._gold = jax.jit(self.gold_fn)
 
     def prompts(self, stream: str, step: int, n: int):
         return toy_task.sample_prompts(self.config, self._key(f"{stream}-prompts", step), n)
@@ -93,9 +92,6 @@ class ToyTask:
 
     def preference_file(self):
         return None
-
-    def preference_labels(self, key: Array, gold_a, gold_b) -> np.ndarray:
-        return bradley_terry_labels(key, gold_a, gold_b, beta=self.config.preference_beta)
 
     def gold(self, prompt, prompt_mask, response, response_mask) -> np.ndarray:
         return np.asarray(self._gold(prompt, prompt_mask, response, response_mask), np.float64)
@@ -185,10 +181,12 @@ class TextTask:
         self.pad_token_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos)
         self.max_response_tokens = config.max_response_tokens
         self.optimal_gold = config.optimal_gold
+        self.preference_beta = config.preference_beta
+        self.gold_fn = None  # the gold reward reads decoded text: computed on the host
         self._score = GOLD_REWARDS[config.gold][0]
 
     def _stream_seed(self, stream: str) -> int:
-        return self.seed * 1_000_003 + sum(map(ord, stream))
+        return stream_seed(self.seed, stream)
 
     def prompts(self, stream: str, step: int, n: int):
         """``n`` training prompts; more than the file holds repeats it in whole reshuffled epochs
@@ -213,9 +211,6 @@ class TextTask:
 
     def preference_file(self) -> dict | None:
         return self._preferences
-
-    def preference_labels(self, key: Array, gold_a, gold_b) -> np.ndarray:
-        return bradley_terry_labels(key, gold_a, gold_b, beta=self.config.preference_beta)
 
     def response_texts(self, response, response_mask) -> list[str]:
         return [self.tokenizer.decode([int(t) for t, m in zip(r, rm) if m], skip_special_tokens=True)

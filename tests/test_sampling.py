@@ -105,5 +105,5 @@ def test_sampler_traced_once_per_shape(params, prompts):
     for seed in range(3):
         jax.block_until_ready(jitted(params, *prompts, jax.random.key(seed)))
     assert calls["traces"] == 1
-    with pytest.raises(ValueError, match="`top_p`"):
+    with pytest.raises(ValueError, match="`sampling.top_p`"):
         SamplingParams(top_p=0.0)

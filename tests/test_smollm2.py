@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import transformers
 
-from jaxppo.models import causal_lm_logits
+from jaxppo.models import decoder_hidden, lm_logits
 from jaxppo.sampling import SamplingParams, make_sampler
 from jaxppo.weights import save_pretrained
 
@@ -42,7 +42,11 @@ def test_config_and_tokenizer(smollm2):
 def test_logits_match_transformers(smollm2, smollm2_hf):
     config, params, tokenizer = smollm2
     tokens, mask = left_pad([tokenizer.encode_chat(c) for c in CHATS], tokenizer.pad_token_id)
-    ours = np.asarray(jax.jit(causal_lm_logits, static_argnums=0)(config, params, jnp.asarray(tokens), jnp.asarray(mask)))
+    @jax.jit
+    def logits(params, tokens, mask):  # the production trunk and LM head
+        return lm_logits(config, params, decoder_hidden(config, params, tokens, mask)[0])
+
+    ours = np.asarray(logits(params, jnp.asarray(tokens), jnp.asarray(mask)))
     with torch.no_grad():
         theirs = smollm2_hf(input_ids=torch.tensor(tokens, dtype=torch.long),
                             attention_mask=torch.tensor(mask, dtype=torch.long)).logits.numpy()

@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxppo.config import require
+
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
@@ -68,21 +70,17 @@ class ModelConfig:
     remat_policy: str = "nothing"  # with remat, what each layer keeps: "nothing" or "dots" (matmul outputs)
 
     def __post_init__(self):
-        def need(cond, field, msg):
-            if not cond:
-                raise ValueError(f"ModelConfig field `{field}`: {msg}")
-
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                      "num_kv_heads", "head_dim"):
-            need(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
-        need(self.num_heads % self.num_kv_heads == 0, "num_kv_heads",
+            require(getattr(self, name) >= 1, f"model.{name}", f"must be >= 1, got {getattr(self, name)}")
+        require(self.num_heads % self.num_kv_heads == 0, "model.num_kv_heads",
              f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
-        need(self.head_dim % 2 == 0, "head_dim", f"must be even for RoPE, got {self.head_dim}")
-        need(self.architecture in SUPPORTED_ARCHITECTURES.values(), "architecture",
+        require(self.head_dim % 2 == 0, "model.head_dim", f"must be even for RoPE, got {self.head_dim}")
+        require(self.architecture in SUPPORTED_ARCHITECTURES.values(), "model.architecture",
              f"{self.architecture!r} is not one of {sorted(SUPPORTED_ARCHITECTURES.values())}")
-        need(self.param_dtype in DTYPES, "param_dtype", f"{self.param_dtype!r} is not one of {DTYPES}")
-        need(self.dtype in DTYPES, "dtype", f"{self.dtype!r} is not one of {DTYPES}")
-        need(self.remat_policy in REMAT_POLICIES, "remat_policy",
+        require(self.param_dtype in DTYPES, "model.param_dtype", f"{self.param_dtype!r} is not one of {DTYPES}")
+        require(self.dtype in DTYPES, "model.dtype", f"{self.dtype!r} is not one of {DTYPES}")
+        require(self.remat_policy in REMAT_POLICIES, "model.remat_policy",
              f"{self.remat_policy!r} is not one of {tuple(REMAT_POLICIES)}")
 
     @property

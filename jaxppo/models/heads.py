@@ -15,8 +15,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxppo.losses import token_entropy, token_logprobs
 from jaxppo.models.config import ModelConfig
-from jaxppo.models.llama import decoder_hidden, init_trunk
+from jaxppo.models.llama import init_trunk
 
 Array = jax.Array
 SCALAR_HEADS = ("value_head", "reward_head")
@@ -53,6 +54,8 @@ def chosen_logprobs(
     ``[B, chunk, V]`` block of logits exists at a time, in the forward and in the backward pass
     (vocabularies are 49k-150k, so the full ``[B, S, V]`` log-softmax would dominate memory).
     With ``with_entropy`` also returns the per-token entropy ``[B, S]`` of the same distribution.
+    Each chunk is :func:`jaxppo.losses.token_logprobs` (and :func:`jaxppo.losses.token_entropy`) of
+    its logits, the functions the float64 references test.
     """
     batch, seq, dim = hidden.shape
     if targets.shape != (batch, seq):
@@ -66,22 +69,12 @@ def chosen_logprobs(
     @jax.checkpoint
     def one_chunk(h_chunk, t_chunk):
         logits = lm_logits(config, params, h_chunk) / temperature
-        log_z = jax.nn.logsumexp(logits, axis=-1)
-        picked = jnp.take_along_axis(logits, t_chunk[..., None], axis=-1)[..., 0]
-        ent = log_z - jnp.sum(jax.nn.softmax(logits, axis=-1) * logits, axis=-1) if with_entropy else log_z
-        return picked - log_z, ent
+        logp = token_logprobs(logits, t_chunk)
+        return (logp, token_entropy(logits)) if with_entropy else logp
 
-    logp, ent = jax.lax.map(lambda xs: one_chunk(*xs), (jnp.moveaxis(h, 1, 0), jnp.moveaxis(t, 1, 0)))
-    logp = jnp.moveaxis(logp, 0, 1).reshape(batch, -1)[:, :seq]
-    if not with_entropy:
-        return logp
-    return logp, jnp.moveaxis(ent, 0, 1).reshape(batch, -1)[:, :seq]
-
-
-def last_real_index(attention_mask: Array) -> Array:
-    """Index ``[B]`` of the last 1 in each row of ``attention_mask`` (0 for an empty row)."""
-    length = attention_mask.shape[-1]
-    return (length - 1 - jnp.argmax(attention_mask[:, ::-1] > 0, axis=-1)).astype(jnp.int32)
+    out = jax.lax.map(lambda xs: one_chunk(*xs), (jnp.moveaxis(h, 1, 0), jnp.moveaxis(t, 1, 0)))
+    # [n_chunks, B, chunk] → [B, S]
+    return jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1).reshape(batch, -1)[:, :seq], out)
 
 
 def scalar_head(head: dict, hidden: Array) -> Array:
@@ -112,30 +105,3 @@ def init_params(config: ModelConfig, key: Array, *, lm_head: bool = True, scalar
     for i, kind in enumerate(scalar_heads):
         params[kind] = init_scalar_head(config, jax.random.fold_in(k_head, i), kind)
     return params
-
-
-def causal_lm_logits(config: ModelConfig, params: dict, tokens: Array, attention_mask: Array) -> Array:
-    """Next-token logits ``[B, T, V]`` (float32) of left-padded ``tokens`` ``[B, T]``.
-
-    ``attention_mask`` is 1 on real tokens; positions are computed from it, so a left-padded row
-    gives the same logits on its real tokens as the unpadded row. Jittable.
-    """
-    hidden, _ = decoder_hidden(config, params, tokens, attention_mask)
-    return lm_logits(config, params, hidden)
-
-
-def scalar_outputs(config: ModelConfig, params: dict, tokens: Array, attention_mask: Array, *, head: str) -> Array:
-    """Per-token outputs ``[B, T]`` of scalar ``head`` (a value model's V(s_t))."""
-    hidden, _ = decoder_hidden(config, params, tokens, attention_mask)
-    return scalar_head(params[head], hidden)
-
-
-def sequence_scores(config: ModelConfig, params: dict, tokens: Array, attention_mask: Array, *, head: str = "reward_head") -> Array:
-    """Score ``[B]`` of each sequence: the scalar head at its last real token.
-
-    The mask may have padding on both sides (a left-padded prompt followed by a right-padded
-    response): the last position with ``attention_mask == 1`` is used.
-    """
-    per_token = scalar_outputs(config, params, tokens, attention_mask, head=head)
-    last = last_real_index(attention_mask)
-    return jnp.take_along_axis(per_token, last[:, None], axis=1)[:, 0]

@@ -22,8 +22,9 @@ from jaxppo.checkpoint import CheckpointError, StageCheckpoints
 from jaxppo.logging import read_metrics
 from jaxppo.optim import create_train_state, make_optimizer
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG = str(ROOT / "configs" / "tiny.py")
+pytestmark = pytest.mark.slow  # subprocess runs of configs/tiny.py
 
 
 def command(run_dir: Path, *overrides: str) -> list[str]:

@@ -1,0 +1,272 @@
+"""The frozen run context every stage receives, and the host helpers the stages share.
+
+:func:`open_run` builds a :class:`RunContext` for one run directory: it loads the pretrained model
+(if any), builds the task, resolves the config (stop/pad tokens from the task), refuses a run
+directory started with another config, rewinds ``metrics.jsonl`` to the checkpoint a resumed run
+restarts from, and writes ``config.json`` — the config that runs is the config that is saved.
+
+Everything random derives from ``config.seed`` by a named stream (:func:`jaxppo.rng.stream_key`)
+and the step, and every batch is a pure function of the step, so a run restored from a checkpoint
+at step k continues exactly as the uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from jaxppo.checkpoint import CheckpointError, StageCheckpoints, config_diff
+from jaxppo.config import to_json
+from jaxppo.logging import NullLogger, RunLogger, rewind_metrics
+from jaxppo.models.config import ModelConfig
+from jaxppo.pipeline_config import PipelineConfig
+from jaxppo.rng import stream_key
+from jaxppo.sampling import SamplingParams, make_sampler
+from jaxppo.sequences import response_scores
+from jaxppo.sharding import make_mesh, shard_batch, shard_tree, to_host
+from jaxppo.tasks import TextTask, TextTaskConfig, ToyTask
+
+STAGES = ("sft", "reward_model", "ppo")
+CHECKPOINTED = (*STAGES, "preference_data")
+# metrics.jsonl stage → pipeline stage that writes it
+METRIC_STAGES = {"sft": "sft", "reward_model": "reward_model", "reward_model_eval": "reward_model",
+                 "ppo": "ppo", "reward_model_online": "ppo", "eval": "ppo"}
+STEP_LOG_EVERY = 50  # SFT / reward-model steps between metric rows
+
+
+@dataclasses.dataclass(frozen=True)
+class RunContext:
+    """What every stage of one run shares; built by :func:`open_run`, never mutated."""
+
+    config: PipelineConfig  # resolved (stop/pad tokens from the task): as saved in config.json
+    mesh: Mesh
+    root_key: jax.Array  # jax.random.key(config.seed)
+    logger: RunLogger | NullLogger  # a NullLogger on every process but 0
+    task: ToyTask | TextTask
+    checkpoints: Mapping[str, StageCheckpoints]  # per stage; empty when checkpoints are off
+
+    def key(self, stream: str, step: int = 0) -> jax.Array:
+        """The key of draw ``step`` of the named random stream."""
+        return stream_key(self.root_key, stream, step)
+
+
+# ------------------------------------------------------------------------------------ sampling, scoring
+
+
+@functools.cache
+def _sampler(model: ModelConfig, sampling: SamplingParams):
+    return make_sampler(model, sampling)
+
+
+@functools.cache
+def _scorer(model: ModelConfig, pooling: str):
+    return jax.jit(functools.partial(response_scores, model, pooling=pooling))
+
+
+def sample(ctx: RunContext, params: dict, prompt, prompt_mask, key: jax.Array):
+    """Responses ``(tokens, mask)`` of the policy ``params`` for any number of prompts, in sampler
+    batches of ``eval_batch_size`` (the PPO sampling settings)."""
+    c = ctx.config
+    sampling = SamplingParams(max_new_tokens=ctx.task.max_response_tokens, temperature=c.ppo.temperature,
+                              top_k=c.ppo.top_k, top_p=c.ppo.top_p, stop_token_ids=c.ppo.stop_token_ids,
+                              pad_token_id=c.ppo.pad_token_id)
+    sampler = _sampler(c.model, sampling)
+    size, tokens, masks = c.eval_batch_size, [], []
+    for chunk, start in enumerate(range(0, prompt.shape[0], size)):
+        batch = shard_batch((prompt[start:start + size], prompt_mask[start:start + size]), ctx.mesh)
+        out = sampler(params, *batch, jax.random.fold_in(key, chunk))
+        tokens.append(out.tokens)
+        masks.append(out.mask)
+    return jnp.concatenate(tokens), jnp.concatenate(masks)
+
+
+def score(ctx: RunContext, reward_params: dict, *args) -> jax.Array:
+    """Reward-model scores ``[B]`` of ``(prompt, prompt_mask, response, response_mask)``, in batches."""
+    scorer = _scorer(ctx.config.model, ctx.config.reward_model.pooling)
+    size, n = ctx.config.eval_batch_size, args[0].shape[0]
+    return jnp.concatenate([scorer(reward_params, *shard_batch(tuple(a[s:s + size] for a in args), ctx.mesh))
+                            for s in range(0, n, size)])
+
+
+def evaluate(ctx: RunContext, params: dict, reward_params: dict | None = None, i: int = 0,
+             samples_file: str = "") -> dict:
+    """Gold (and proxy) reward of fresh samples of the policy on the fixed evaluation prompts;
+    writes the first ``num_samples`` of them to ``samples_file`` when given."""
+    prompt, prompt_mask = ctx.task.eval_prompts()
+    response, mask = sample(ctx, params, prompt, prompt_mask, ctx.key("eval-sample", i))
+    args = tuple(to_host(a) for a in (prompt, prompt_mask, response, mask))
+    gold = ctx.task.gold(*args)
+    result = {"gold_reward": float(np.mean(gold)), "response_length": float(np.mean(np.sum(args[3], 1)))}
+    proxy = None
+    if reward_params is not None:
+        proxy = to_host(score(ctx, reward_params, *args))
+        result["proxy_reward"] = float(np.mean(proxy))
+    if samples_file and ctx.config.num_samples:
+        k = ctx.config.num_samples
+        shown = ctx.task.render(*(a[:k] for a in args))
+        for j, row in enumerate(shown):
+            row["gold_reward"] = float(gold[j])
+            if proxy is not None:
+                row["proxy_reward"] = float(proxy[j])
+        ctx.logger.write_json(samples_file, {"samples": shown})
+    return result
+
+
+def frozen_copy(ctx: RunContext, params: dict) -> dict:
+    """Own, sharded buffers for a frozen role's params (train states are donated by their steps)."""
+    return shard_tree(jax.tree.map(jnp.copy, params), ctx.mesh)
+
+
+# ---------------------------------------------------------------------------------------- checkpoints
+
+
+def is_done(ctx: RunContext, stage: str) -> bool:
+    """Whether the stage's newest checkpoint is marked done (the stage is skipped on resume)."""
+    ckpt = ctx.checkpoints.get(stage)
+    step = ckpt.latest_step() if ckpt else None
+    return step is not None and bool(ckpt.read_meta(step).get("done"))
+
+
+def resume(ctx: RunContext, stage: str, targets: dict):
+    """``(start step, restored items or None, meta)`` from the stage's newest checkpoint."""
+    ckpt = ctx.checkpoints.get(stage)
+    step = ckpt.latest_step() if ckpt else None
+    if step is None:
+        return 0, None, {}
+    items, meta = ckpt.restore(step, targets)
+    print(f"{stage}: resumed from {ckpt.directory / str(step)}")
+    return step, items, meta
+
+
+def save(ctx: RunContext, stage: str, step: int, items: dict, meta: dict | None = None) -> None:
+    if stage in ctx.checkpoints:
+        ctx.checkpoints[stage].save(step, items, meta)
+
+
+def fit(ctx: RunContext, stage: str, state, step_fn, batch_at, steps: int, outputs: dict | None = None):
+    """``steps`` of ``state, metrics = step_fn(state, batch_at(i))`` with logs and periodic checkpoints.
+
+    Returns ``(state, done_items, meta)``: when the stage's checkpoint says it is done, the saved
+    outputs and meta instead of training again (``outputs`` are restore targets for those).
+    Metrics reach the host once per logged step.
+    """
+    every = ctx.config.checkpoint.every_steps
+    targets = {"state": state, **(outputs or {})} if is_done(ctx, stage) else {"state": state}
+    start, items, meta = resume(ctx, stage, targets)
+    if items is not None:
+        state = items["state"]
+        if meta.get("done"):
+            return state, items, meta
+    bar = ctx.logger.progress(range(start, steps), desc=stage)
+    for i in bar:
+        state, metrics = step_fn(state, shard_batch(batch_at(i), ctx.mesh))
+        if i % STEP_LOG_EVERY == 0 or i == steps - 1:
+            bar.set_postfix(ctx.logger.log(stage, i, jax.device_get(metrics)))
+        if (i + 1) % every == 0 and i + 1 < steps:
+            save(ctx, stage, i + 1, {"state": state})
+    return state, None, {}
+
+
+# ------------------------------------------------------------------------------------------- the run
+
+
+def load_model(config: PipelineConfig):
+    """``(base params or None, tokenizer or None)``; a pretrained checkpoint must match ``config.model``."""
+    if not config.pretrained:
+        return None, None
+    from jaxppo.weights.hf import load_pretrained
+
+    m = config.model
+    loaded, params, tokenizer = load_pretrained(config.pretrained, param_dtype=m.param_dtype, dtype=m.dtype,
+                                                remat=m.remat, remat_policy=m.remat_policy)
+    for field in dataclasses.fields(m):
+        if getattr(loaded, field.name) != getattr(m, field.name):
+            raise ValueError(f"config field `model.{field.name}`: {getattr(m, field.name)!r} does not match the "
+                             f"pretrained checkpoint {config.pretrained} ({getattr(loaded, field.name)!r})")
+    return params, tokenizer
+
+
+def _check_run_config(run_dir: Path, config: dict) -> None:
+    """A run directory belongs to one config: refuse to resume it with another (names the fields)."""
+    path = run_dir / "config.json"
+    if not path.exists():
+        return
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: unreadable ({e}); use a fresh --run-dir") from None
+    diff = config_diff(saved, config)
+    if diff:
+        raise CheckpointError(f"{path}: this run directory was started with another config; "
+                              f"mismatched fields: {'; '.join(diff)}. Use a fresh --run-dir or the same config.")
+
+
+def _rewind(run_dir: Path, checkpoints: Mapping[str, StageCheckpoints]) -> None:
+    """Cut ``metrics.jsonl`` back to the rows logged up to the newest checkpoint of the stage in progress."""
+    current, resume_step = None, 0
+    for stage in STAGES:
+        ckpt = checkpoints[stage]
+        step = ckpt.latest_step()
+        if step is None:  # not started, or a stage that saves nothing (SFT of 0 steps)
+            current = current or stage
+        elif not ckpt.read_meta(step).get("done"):
+            current, resume_step = stage, step
+            break
+    order = {s: i for i, s in enumerate(STAGES)}
+
+    def keep(row: dict) -> bool:
+        if row.get("stage") == "eval":  # written after PPO by every run, the resumed one too
+            return False
+        stage = METRIC_STAGES.get(row.get("stage"), row.get("stage"))
+        if current is None or stage not in order:
+            return True
+        if order[stage] != order[current]:
+            return order[stage] < order[current]
+        return row.get("step", 0) < resume_step
+
+    rewind_metrics(run_dir / "metrics.jsonl", keep)
+
+
+@contextlib.contextmanager
+def open_run(config: PipelineConfig, run_dir: str | Path) -> Iterator[tuple[RunContext, dict | None]]:
+    """``(context, pretrained params or None)`` for a run in ``run_dir``, under the run's mesh.
+
+    Every process of a multi-process run opens it with the same arguments: all of them compute and
+    checkpoint (orbax coordinates the writes); only process 0 writes metrics, plots and files.
+    """
+    run_dir = Path(run_dir)
+    main = jax.process_index() == 0
+    mesh = make_mesh(config.mesh)
+    root_key = jax.random.key(config.seed)
+    base_params, tokenizer = load_model(config)
+    if isinstance(config.task, TextTaskConfig):
+        task = TextTask(config.task, tokenizer, seed=config.seed, vocab_size=config.model.vocab_size)
+        print(f"prompts: {config.task.prompts}: {task.num_truncated_prompts} truncated to "
+              f"{config.task.max_prompt_tokens} tokens")
+    else:
+        task = ToyTask(config.task, functools.partial(stream_key, root_key))
+    config = config.with_stop_tokens(task.stop_token_ids, task.pad_token_id)
+    as_json = to_json(config)
+    _check_run_config(run_dir, as_json)
+    checkpoints = {}
+    if config.checkpoint.enabled:
+        checkpoints = {name: StageCheckpoints(run_dir / "checkpoints" / name, keep=config.checkpoint.keep,
+                                              config=as_json) for name in CHECKPOINTED}
+        if main:
+            _rewind(run_dir, checkpoints)
+    logger = RunLogger(run_dir, echo=None, wandb_project=config.wandb_project or None,
+                       wandb_config=as_json) if main else NullLogger()
+    with logger, jax.set_mesh(mesh):
+        logger.write_json("config.json", as_json)
+        if base_params is not None:
+            base_params = shard_tree(base_params, mesh)
+        yield RunContext(config, mesh, root_key, logger, task, checkpoints), base_params

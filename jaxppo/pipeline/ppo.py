@@ -1,0 +1,95 @@
+"""Stage 3, PPO: the host loop around :func:`jaxppo.ppo.make_iteration` — data in, metrics and
+checkpoints out, online reward-model and reference refreshes between calls.
+
+Each call runs up to ``ppo.iterations_per_call`` iterations in one XLA program (never past host
+work: a checkpoint, a refresh); metrics reach the host once per call, and only when an iteration
+in it logs.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxppo.models.config import cast_params
+from jaxppo.pipeline.context import RunContext, frozen_copy, resume, save
+from jaxppo.pipeline.reward import RewardModel, refresh_reward_model
+from jaxppo.ppo import init_ppo, make_iteration
+from jaxppo.sharding import shard_batch
+
+
+def iterations_in_call(it: int, *, iterations: int, per_call: int, host_every: tuple[int, ...]) -> int:
+    """How many iterations from ``it`` on run in one call: up to ``per_call``, never past
+    ``iterations`` nor past a multiple of any positive period in ``host_every`` (host work)."""
+    stop = iterations
+    for every in host_every:
+        if every > 0:
+            stop = min(stop, (it // every + 1) * every)
+    return max(1, min(per_call, stop - it))
+
+
+def _stacked(batches: list):
+    """K sharded per-iteration batches stacked on a new leading axis."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *batches)
+
+
+def ppo_stage(ctx: RunContext, sft_params: dict, reward: RewardModel) -> tuple[dict, RewardModel]:
+    """PPO against the reward model; returns the final actor params and the (refreshed) reward model."""
+    c, ppo = ctx.config, ctx.config.ppo
+    online, refresh = c.reward_model.online_every, ppo.ref_refresh_every > 0
+    state, frozen = init_ppo(c.model, ppo, ctx.mesh, sft_params=sft_params, reward_params=reward.params,
+                             key=ctx.key("value-head"))
+
+    def checkpoint_items(state, frozen, reward):
+        return {"actor": state.actor, "critic": state.critic, "kl": state.kl,
+                "reference": frozen.reference if refresh else None,
+                **({"rm_state": reward.state, "rm_params": reward.params, "rm_data": reward.train} if online else {})}
+
+    start, items, _ = resume(ctx, "ppo", {**checkpoint_items(state, frozen, reward),
+                                          **({"rm_data": ...} if online else {})})
+    if items is not None:
+        state = state.replace(actor=items["actor"], critic=items.get("critic"), kl=items["kl"])
+        if refresh:
+            frozen = frozen.replace(reference=items["reference"])
+        if online:
+            reward = reward._replace(params=items["rm_params"], state=items["rm_state"],
+                                     train={k: np.asarray(v) for k, v in items["rm_data"].items()})
+            frozen = frozen.replace(reward=cast_params(reward.params, ppo.frozen_dtype))
+    iterate = make_iteration(c.model, ppo, reward_pooling=c.reward_model.pooling, gold_fn=ctx.task.gold_fn)
+    bar = ctx.logger.progress(ppo.iterations - start, desc="PPO")
+    it = start
+    while it < ppo.iterations:
+        if online and it > 0 and it % online == 0:
+            reward = refresh_reward_model(ctx, it, state.actor.params, reward)
+            frozen = frozen.replace(reward=cast_params(reward.params, ppo.frozen_dtype))
+        k = iterations_in_call(it, iterations=ppo.iterations, per_call=ppo.iterations_per_call,
+                               host_every=(c.checkpoint.every_iterations, online, ppo.ref_refresh_every))
+        prompts = [shard_batch(ctx.task.prompts("ppo", it + j, ppo.batch_size), ctx.mesh) for j in range(k)]
+        ptx = None
+        if ppo.ptx_coef > 0:
+            ptx = _stacked([shard_batch(ctx.task.demonstrations("ppo-ptx", it + j, ppo.batch_size, prompts[j]),
+                                        ctx.mesh) for j in range(k)])
+        state, samples, metrics = iterate(
+            state, frozen, *_stacked(prompts), jnp.stack([ctx.key("ppo-sample", it + j) for j in range(k)]),
+            jnp.stack([ctx.key("ppo-update", it + j) for j in range(k)]), ptx)
+        logged = [j for j in range(k) if (it + j) % c.log_every == 0 or it + j == ppo.iterations - 1]
+        if logged:
+            metrics = jax.device_get(metrics)  # the one host sync of the call
+            if ctx.task.gold_fn is None:  # a host gold reward (decoded text): scored here
+                samples = jax.device_get(samples)
+                metrics["gold_reward"] = np.array([np.mean(ctx.task.gold(*(samples[name][j] for name in (
+                    "prompt", "prompt_mask", "response", "response_mask")))) for j in range(k)])
+        for j in logged:
+            row = ctx.logger.log("ppo", it + j, {"iteration": it + j, **{name: v[j] for name, v in metrics.items()}})
+            bar.set_postfix({name: row[name] for name in ("gold_reward", "proxy_reward", "kl")})
+        it += k
+        bar.update(k)
+        if refresh and it % ppo.ref_refresh_every == 0:
+            frozen = frozen.replace(reference=cast_params(frozen_copy(
+                ctx, {name: v for name, v in state.actor.params.items() if name != "value_head"}), ppo.frozen_dtype))
+        done = it == ppo.iterations
+        if it % c.checkpoint.every_iterations == 0 or done:
+            save(ctx, "ppo", it, checkpoint_items(state, frozen, reward), {"done": done})
+    bar.close()
+    return {k: v for k, v in state.actor.params.items() if k != "value_head"}, reward
