@@ -113,8 +113,8 @@ def flops_check(config, params, reward, traj, ppo) -> dict:
     ``lax.scan``, so only with one layer, one epoch and one minibatch is every loop run once)."""
     one = dataclasses.replace(config, num_layers=1)
     first = lambda p: {**p, "layers": jax.tree.map(lambda x: x[:1], p["layers"])}  # noqa: E731
-    state, _ = init_ppo(one, ppo, make_mesh(MeshConfig(data=1, fsdp=1, tensor=1)), sft_params=first(params),
-                        reward_params=first(reward), key=jax.random.key(0))
+    mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+    state, _ = init_ppo(one, ppo, mesh, sft_params=first(params), reward_params=first(reward), key=jax.random.key(0))
     update = make_update(one, ppo)
     compiled = update.lower(state.actor, state.critic, traj, jax.random.key(0), 0.05, None).compile()
     xla = float(compiled.cost_analysis()["flops"])
@@ -136,7 +136,7 @@ def bench_jaxppo(config, params, tokens, mask, epochs: int, iterations: int, pla
                     vf_coef=0.1, gamma=1.0, lam=0.95, learning_rate=1e-6, critic="separate")
     reward = {**{k: v for k, v in params.items() if k != "lm_head"},
               "reward_head": init_scalar_head(config, jax.random.key(1), "reward_head")}
-    mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1))
+    mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
     # actor from the policy, critic from the reward model (its head → value head), frozen reference + reward
     ppo_state, frozen = init_ppo(config, ppo, mesh, sft_params=params, reward_params=reward, key=jax.random.key(2))
     prompt, prompt_mask = jnp.asarray(tokens)[None], jnp.asarray(mask)[None]

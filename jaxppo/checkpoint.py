@@ -15,7 +15,6 @@ pickled: arrays are stored as tensorstore/zarr, metadata as JSON.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +47,7 @@ def _flat(tree) -> dict[str, tuple[tuple[int, ...], str | None]]:
 
 
 def config_diff(saved: Any, current: Any, prefix: str = "") -> list[str]:
-    """Dotted fields whose values differ between two JSON-like config dicts."""
+    """Dotted fields whose values differ between two configs in JSON form (:func:`jaxppo.config.to_json`)."""
     if isinstance(saved, dict) and isinstance(current, dict):
         out = []
         for key in sorted(set(saved) | set(current)):
@@ -58,8 +57,7 @@ def config_diff(saved: Any, current: Any, prefix: str = "") -> list[str]:
             else:
                 out.extend(config_diff(saved[key], current[key], name))
         return out
-    saved_n, current_n = json.loads(json.dumps(saved)), json.loads(json.dumps(current))  # tuples == lists
-    return [] if saved_n == current_n else [f"{prefix}: checkpoint {saved_n!r} != current {current_n!r}"]
+    return [] if saved == current else [f"{prefix}: checkpoint {saved!r} != current {current!r}"]
 
 
 class StageCheckpoints:
@@ -67,7 +65,7 @@ class StageCheckpoints:
 
     def __init__(self, directory: str | Path, *, keep: int, config: dict):
         self.directory = Path(directory).absolute()
-        self.config = json.loads(json.dumps(config))  # JSON-normalised, as stored
+        self.config = config  # the JSON form (jaxppo.config.to_json), as stored in each checkpoint's meta
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
         try:
             self._manager = ocp.CheckpointManager(self.directory, options=options)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import struct
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import tensorboard_scalars
 from jaxppo.logging import RunLogger, read_metrics
 
 STAGES = ("sft", "reward", "ppo")
@@ -104,38 +104,13 @@ def test_reopen_cuts_partial_tail_and_appends(tmp_path):
     ]
 
 
-def _read_events(path) -> list:
-    """Events of one TFRecord file: u64 length, u32 masked crc, data, u32 masked crc."""
-    from tensorboardX.proto import event_pb2
-    from tensorboardX.record_writer import masked_crc32c
-
-    data, pos, events = path.read_bytes(), 0, []
-    while pos < len(data):
-        header = data[pos : pos + 8]
-        (length,) = struct.unpack("<Q", header)
-        (header_crc,) = struct.unpack("<I", data[pos + 8 : pos + 12])
-        assert header_crc == masked_crc32c(header)
-        body = data[pos + 12 : pos + 12 + length]
-        (body_crc,) = struct.unpack("<I", data[pos + 12 + length : pos + 16 + length])
-        assert body_crc == masked_crc32c(body)
-        event = event_pb2.Event()
-        event.ParseFromString(body)
-        events.append(event)
-        pos += 16 + length
-    assert pos == len(data)
-    return events
-
-
 def test_tensorboard_events(tmp_path):
     with RunLogger(tmp_path, echo=None) as run:
         expected = _fill(run)
     files = sorted((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert len(files) == 1
 
-    scalars = {}
-    for event in _read_events(files[0]):
-        for value in event.summary.value:
-            scalars[(value.tag, event.step)] = value.simple_value
+    scalars = tensorboard_scalars(tmp_path / "tensorboard")
     for row in expected:
         for key, v in row.items():
             if key in ("stage", "step"):

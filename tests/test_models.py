@@ -123,6 +123,7 @@ def test_left_padding_gives_the_unpadded_logits():
         np.testing.assert_allclose(padded[row, start:], alone[0], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_remat_and_dtypes():
     config = CONFIGS["llama-untied-gqa"]
     params = random_params(config)

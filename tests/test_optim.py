@@ -122,6 +122,7 @@ def actor_case(ppo: PPOConfig, params: dict, traj: Trajectory, ptx: dict | None 
     return loss_fn, batch
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
 def test_actor_loss_independent_of_micro_batches(aggregation):
     ppo = dataclasses.replace(PPO, aggregation=aggregation, ptx_coef=0.2 if aggregation == "token-mean" else 0.0)
@@ -134,6 +135,7 @@ def test_actor_loss_independent_of_micro_batches(aggregation):
     assert 0 < float(aux["clip_fraction"]) < 1
 
 
+@pytest.mark.slow
 def test_shared_critic_actor_loss_independent_of_micro_batches():
     ppo = dataclasses.replace(PPO, critic="shared")
     params = random_params()
@@ -142,6 +144,7 @@ def test_shared_critic_actor_loss_independent_of_micro_batches():
     assert {"value_loss", "value_clip_fraction"} <= set(aux)
 
 
+@pytest.mark.slow
 def test_separate_critic_value_loss_independent_of_micro_batches():
     params = random_params(3)
     traj = trajectory(params, seed=3)
@@ -150,11 +153,13 @@ def test_separate_critic_value_loss_independent_of_micro_batches():
     assert 0 < float(aux["value_clip_fraction"]) < 1
 
 
+@pytest.mark.slow
 def test_sft_nll_independent_of_micro_batches():
     assert_same_objective(functools.partial(sft_nll, MODEL), random_params(4, ()), demonstrations(4),
                           sft_denominators)
 
 
+@pytest.mark.slow
 def test_bradley_terry_independent_of_micro_batches():
     rng = np.random.default_rng(5)
     prompt, prompt_mask, chosen, chosen_mask = sequences(rng, LENGTHS)
@@ -166,6 +171,7 @@ def test_bradley_terry_independent_of_micro_batches():
                           batch, preference_denominators, old_behaviour_differs=False)
 
 
+@pytest.mark.slow
 def test_plackett_luce_independent_of_micro_batches():
     rng = np.random.default_rng(6)
     prompt, prompt_mask, *_ = sequences(rng, LENGTHS)
@@ -175,6 +181,7 @@ def test_plackett_luce_independent_of_micro_batches():
                           lambda b: preference_denominators(b, objective="plackett_luce"), old_behaviour_differs=False)
 
 
+@pytest.mark.slow
 def test_make_update_gradients_and_metrics_independent_of_micro_batches():
     """The whole update step (actor with KL loss, entropy and ptx; separate critic) under plain SGD:
     the parameter change is −lr × gradient, so it must not depend on ``micro_batches``."""

@@ -21,6 +21,7 @@ from jaxppo.toy_task import sample_prompts
 from tiny import MODEL, ONE_DEVICE, PPO, TASK, gold_score, setup, surrogate
 
 
+@pytest.mark.slow
 def test_update_recomputes_old_logprobs_and_decreases_the_surrogate():
     actor, critic, _, traj, _, update = setup()
     before, old = surrogate(actor.params, traj)
@@ -32,6 +33,7 @@ def test_update_recomputes_old_logprobs_and_decreases_the_surrogate():
     assert after < before - 1e-3
 
 
+@pytest.mark.slow
 def test_tiny_clip_barely_moves_the_policy():
     # Plain SGD: once every ratio leaves [1 − ε, 1 + ε] the gradient is zero and so is the step
     # (Adam's momentum would keep drifting, which is Adam, not the clip).
@@ -46,6 +48,7 @@ def test_tiny_clip_barely_moves_the_policy():
     assert moves[1e-4] < 0.35 * moves[0.2], moves
 
 
+@pytest.mark.slow
 def test_zero_advantages_leave_the_actor_unchanged():
     actor, critic, _, traj, _, update = setup()
     traj = traj.replace(advantages=jnp.zeros_like(traj.advantages))
@@ -54,6 +57,7 @@ def test_zero_advantages_leave_the_actor_unchanged():
     jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, actor.params))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("critic", ["separate", "shared"])
 def test_critic_learns_a_value_function(critic):
     ppo = dataclasses.replace(PPO, critic=critic, learning_rate=3e-3, critic_learning_rate=3e-3, vf_coef=1.0,
@@ -87,6 +91,7 @@ def test_kl_loss_ptx_and_shapes_are_traced_once():
     assert {"kl_loss", "ptx_loss", "value_loss"} <= set(metrics)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("critic", ["separate", "shared"])
 def test_fused_iterations_equal_the_two_function_loop(critic):
     """make_iteration: three iterations folded into one XLA program (lax.scan) = the same body called
@@ -176,6 +181,7 @@ def test_a_fork_adds_an_estimator_with_one_function_and_one_table_row(monkeypatc
         dataclasses.replace(PPO, estimator="no-such-estimator")
 
 
+@pytest.mark.slow
 def test_a_fork_adds_a_policy_loss_with_one_function_and_one_table_row(monkeypatch):
     """``ppo.policy_loss`` picks the actor's surrogate from ``POLICY_LOSSES``: a loss that ignores the
     advantages leaves the actor where it was, while the default clip loss moves it from the same start."""

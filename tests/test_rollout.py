@@ -34,6 +34,7 @@ def test_sampler_logprobs_replace_the_actor_pass_up_to_rounding():
     np.testing.assert_allclose(np.asarray(fast.advantages), np.asarray(traj.advantages), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_micro_batched_scoring_gives_the_same_trajectory_in_less_memory():
     actor, critic, ref, traj, rollout, _ = setup()
     ppo = dataclasses.replace(PPO, score_micro_batches=4)

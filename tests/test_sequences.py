@@ -13,6 +13,7 @@ from jaxppo.toy_task import sample_prompts
 from tiny import MODEL, TASK, demonstrations_of
 
 
+@pytest.mark.slow
 def test_mean_pooled_score_is_the_mean_of_last_token_scores_of_the_response_prefixes():
     """A causal model's head at response token t is the last-token score of the response cut after t."""
     from jaxppo.sequences import response_scores

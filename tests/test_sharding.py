@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding
@@ -24,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 from jaxppo.checkpoint import StageCheckpoints
 from jaxppo.models.heads import init_params, init_scalar_head
 from jaxppo.optim import create_train_state, make_optimizer
-from jaxppo.ppo import make_update
+from jaxppo.ppo import init_ppo, make_update
 from jaxppo.rollout import make_rollout
 from jaxppo.sharding import (
     MeshConfig, batch_spec, init_sharded, make_mesh, param_bytes_per_device, shard_batch, shard_tree, spec_for,
@@ -91,27 +90,19 @@ def _gold(*args):
 
 
 def _iteration(mesh=None, ppo=PPO):
-    """One PPO iteration (rollout → update) from fixed keys, on ``mesh`` or on one device."""
+    """One PPO iteration (rollout → update) from fixed keys, the roles from ``init_ppo``, on ``mesh``
+    or on one device."""
     key = jax.random.key(0)
     base = init_params(MODEL, key)
-    actor = {k: v for k, v in base.items()}
-    critic = {**{k: v for k, v in base.items() if k != "lm_head"}, "value_head": init_scalar_head(MODEL, key, "value_head")}
     prompts = sample_prompts(TASK, jax.random.key(1), ppo.batch_size)
-    tx = make_optimizer(learning_rate=ppo.learning_rate)
+    ppo = dataclasses.replace(ppo, critic_init="sft")  # critic: the trunk with a zero value head
     rollout, update = make_rollout(MODEL, ppo, score_fn=_gold), make_update(MODEL, ppo)
-    if mesh is None:
-        copy = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731 - donated states need their own buffers
-        actor_state, critic_state = create_train_state(copy(actor), tx), create_train_state(copy(critic), tx)
-        traj, _ = rollout(actor_state.params, critic_state.params, base, None, *prompts, jax.random.key(2), 0.05)
-        actor_state, critic_state, metrics = update(actor_state, critic_state, traj, jax.random.key(3), 0.05, None)
-        return traj, actor_state, critic_state, metrics
+    mesh = mesh or make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
     with jax.set_mesh(mesh):
-        actor_state = init_sharded(lambda p: create_train_state(p, tx), mesh, actor)
-        critic_state = init_sharded(lambda p: create_train_state(p, tx), mesh, critic)
-        reference = shard_tree(base, mesh)
-        traj, _ = rollout(actor_state.params, critic_state.params, reference, None, *shard_batch(prompts, mesh),
-                          jax.random.key(2), 0.05)
-        actor_state, critic_state, metrics = update(actor_state, critic_state, traj, jax.random.key(3), 0.05, None)
+        state, frozen = init_ppo(MODEL, ppo, mesh, sft_params=base, reward_params=None, key=key)
+        traj, _ = rollout(state.actor.params, state.critic.params, frozen.reference, None,
+                          *shard_batch(prompts, mesh), jax.random.key(2), 0.05)
+        actor_state, critic_state, metrics = update(state.actor, state.critic, traj, jax.random.key(3), 0.05, None)
         return traj, actor_state, critic_state, metrics
 
 
@@ -120,6 +111,7 @@ def one_device():
     return jax.tree.map(np.asarray, _iteration())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_ppo_iteration_matches_one_device(one_device, layout):
     mesh = make_mesh(LAYOUTS[layout])
@@ -216,6 +208,7 @@ def _run_two_processes(worker: Path, env: dict, out: Path) -> list[int]:
     return [proc.returncode for proc in procs]
 
 
+@pytest.mark.slow
 def test_two_processes_agree_with_one(tmp_path):
     """Two processes on localhost (one CPU device each, gloo collectives) run an SFT step and a PPO
     iteration with parameters, optimizer states and batches FSDP-sharded over both; their numbers
@@ -242,6 +235,7 @@ def test_two_processes_agree_with_one(tmp_path):
         np.testing.assert_allclose(results[1]["values"][key], results[0]["values"][key], rtol=0, atol=0, err_msg=key)
 
 
+@pytest.mark.slow
 def test_cli_mesh_run_matches_the_one_device_run(tmp_path):
     """configs/tiny.py on data=2 × fsdp=2 × tensor=2 (8 devices) against 1 device, shortened.
 
