@@ -53,12 +53,18 @@ def main(argv=None) -> int:
     s = run_pipeline(load_config(ROOT / "configs" / "overoptimization.py"), run_dir)
     ppo = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["stage"] == "ppo"]
     gold, proxy = _smoothed(ppo, "gold_reward"), _smoothed(ppo, "proxy_reward")
-    peak = int(np.argmax(gold))
-    over = gold[-1] < gold[peak] - 0.25 and proxy[-1] > proxy[peak]
+    # over-optimisation: from some point i to a later point j the proxy rises while the gold falls
+    gold_drop = gold[:, None] - gold[None, :]  # [i, j]: gold_i − gold_j
+    later_and_proxy_up = np.triu(proxy[None, :] > proxy[:, None], 1)
+    i, j = np.unravel_index(np.argmax(np.where(later_and_proxy_up, gold_drop, -np.inf)), gold_drop.shape)
+    over = bool(later_and_proxy_up[i, j]) and gold_drop[i, j] > 0.25
     ok &= over
+    it = lambda k: k + WINDOW - 1  # noqa: E731  (the last iteration of window k)
     print(f"\nover-optimisation (fixed reward model, KL off; {WINDOW}-iteration means):")
-    print(f"  gold : start {gold[0]:.2f}  peak {gold[peak]:.2f} (iteration {peak + WINDOW - 1})  end {gold[-1]:.2f}")
-    print(f"  proxy: start {proxy[0]:.2f}  at gold peak {proxy[peak]:.2f}  end {proxy[-1]:.2f}")
+    print(f"  gold : start {gold[0]:.2f}  peak {gold.max():.2f} (iteration {it(int(np.argmax(gold)))})  end {gold[-1]:.2f}")
+    print(f"  proxy: start {proxy[0]:.2f}  end {proxy[-1]:.2f}")
+    print(f"  largest gold fall while the proxy rose: iteration {it(i)} -> {it(j)}: gold {gold[i]:.2f} -> "
+          f"{gold[j]:.2f}, proxy {proxy[i]:.2f} -> {proxy[j]:.2f}")
     print(f"  KL at end {ppo[-1]['kl']:.1f} nats; wall {s['wall_seconds']:.0f} s; "
           f"{'shown' if over else 'NOT shown'}")
     print("\nall goals met" if ok else "\nGOAL MISSED")
