@@ -129,11 +129,11 @@ class PipelineConfig:
                 "PPO-ptx mixes in an SFT loss on demonstrations; the task has none (set task.demonstrations "
                 "or ppo.ptx_coef=0)")
 
-    def with_stop_tokens(self, stop_token_ids: tuple[int, ...], pad_token_id: int) -> PipelineConfig:
-        """The config with the task's stop and pad tokens in ``ppo`` when ``ppo.stop_token_ids`` is empty
-        (a response ends at the task's EOS, in PPO as in evaluation and preference data). Resolved once,
-        before a run starts, and saved as resolved."""
-        if self.ppo.stop_token_ids:
-            return self
-        ppo = dataclasses.replace(self.ppo, stop_token_ids=tuple(stop_token_ids), pad_token_id=int(pad_token_id))
+    def resolved(self, *, stop_token_ids: tuple[int, ...], pad_token_id: int) -> PipelineConfig:
+        """The config as it runs, resolved once before a run starts and saved so: the task's stop and
+        pad tokens in ``ppo`` when ``ppo.stop_token_ids`` is empty (a response ends at the task's EOS,
+        in PPO as in evaluation and preference data), and the default KL estimator made explicit."""
+        ppo = dataclasses.replace(self.ppo, kl_estimator=self.ppo.kl_penalty_estimator)
+        if not ppo.stop_token_ids:
+            ppo = dataclasses.replace(ppo, stop_token_ids=tuple(stop_token_ids), pad_token_id=int(pad_token_id))
         return dataclasses.replace(self, ppo=ppo)

@@ -1,16 +1,22 @@
-"""PPO update: epochs × shuffled minibatches of clipped policy and value updates, one jitted call.
+"""PPO: the update (epochs × shuffled minibatches of clipped policy and value updates), the typed
+state of the four roles, and the iteration that ties rollout, update and KL controller together.
 
 Per minibatch (Schulman et al. 2017; Ouyang et al. 2022):
 
 .. math::
-    L_{actor} = L^{CLIP} − c_{ent} H + [\\text{KL as loss}]\\, β\\,\\mathrm{KL}
+    L_{actor} = L^{π} − c_{ent} H + [\\text{KL as loss}]\\, β\\,\\mathrm{KL}
                + [\\text{shared}]\\, c_{vf} L^{VF} + c_{ptx} L^{SFT}_{demos}
 
-and, for a separate critic, :math:`c_{vf} L^{VF}` on the critic's own params and optimizer.
-Epochs and minibatches are nested ``lax.scan``s with the shuffle inside the graph; each minibatch
-may be split into micro-batches whose gradients are accumulated. Both states are donated.
-"""
+with :math:`L^{π}` the surrogate ``ppo.policy_loss`` names in :data:`jaxppo.losses.POLICY_LOSSES`
+(PPO's token-level clip by default) and, for a separate critic, :math:`c_{vf} L^{VF}` on the
+critic's own params and optimizer. Epochs and minibatches are nested ``lax.scan``s with the shuffle
+inside the graph; each minibatch may be split into micro-batches whose gradients are accumulated
+(every term divides by the whole minibatch's counts). Both states are donated.
 
+:class:`PPOState` (actor, critic, KL controller) and :class:`FrozenRoles` (reference, reward model)
+are built sharded by :func:`init_ppo`; :func:`ppo_iteration` is the one iteration body, run fused
+(one XLA program, :func:`make_iteration`) or from the host.
+"""
 from __future__ import annotations
 
 import functools
@@ -21,6 +27,7 @@ import optax
 from flax import struct
 from flax.training.train_state import TrainState
 
+from jaxppo.config import require
 from jaxppo.kl_control import KLControlState, init_kl_control, update_kl_control
 from jaxppo.losses import POLICY_LOSSES, kl_penalty, value_loss
 from jaxppo.masking import masked_mean, nonempty_rows, valid_count
@@ -67,7 +74,7 @@ def actor_loss(config: ModelConfig, ppo: PPOConfig, params: dict, batch: dict,
         "max_abs_log_ratio": jnp.max(jnp.where(mask > 0, jnp.abs(logprobs - traj.old_logprobs), 0.0)),
     }
     if not ppo.kl_in_reward:
-        kl = masked_mean(kl_penalty(logprobs, traj.ref_logprobs, estimator=ppo.kl_estimator), mask, denominator=tokens)
+        kl = masked_mean(kl_penalty(logprobs, traj.ref_logprobs, estimator=ppo.kl_penalty_estimator), mask, denominator=tokens)
         loss = loss + batch["kl_coef"] * kl
         aux["kl_loss"] = kl
     if shared:
@@ -184,12 +191,17 @@ class FrozenRoles(struct.PyTreeNode):
     reward: dict | None
 
 
+def frozen_params(params: dict, mesh, *, dtype: str | None) -> dict:
+    """A frozen role's params: own sharded buffers (never aliasing a donated train state) stored in
+    ``dtype``, without a ``value_head`` (a refreshed shared-critic actor has one)."""
+    params = {k: v for k, v in params.items() if k != "value_head"}
+    return shard_tree(jax.tree.map(jnp.copy, cast_params(params, dtype)), mesh)
+
+
 def frozen_roles(ppo: PPOConfig, mesh, *, reference: dict, reward: dict | None) -> FrozenRoles:
-    """:class:`FrozenRoles` with their own sharded buffers (never aliasing a donated train state), in
-    ``ppo.frozen_dtype``; a ``value_head`` of the reference (a refreshed shared-critic actor) is dropped."""
-    reference = {k: v for k, v in reference.items() if k != "value_head"}
-    own = lambda tree: None if tree is None else shard_tree(jax.tree.map(jnp.copy, cast_params(tree, ppo.frozen_dtype)), mesh)  # noqa: E731
-    return FrozenRoles(own(reference), own(reward))
+    """:class:`FrozenRoles` of :func:`frozen_params` in ``ppo.frozen_dtype``."""
+    return FrozenRoles(frozen_params(reference, mesh, dtype=ppo.frozen_dtype),
+                       None if reward is None else frozen_params(reward, mesh, dtype=ppo.frozen_dtype))
 
 
 def init_ppo(config: ModelConfig, ppo: PPOConfig, mesh, *, sft_params: dict, reward_params: dict | None,
@@ -209,8 +221,7 @@ def init_ppo(config: ModelConfig, ppo: PPOConfig, mesh, *, sft_params: dict, rew
         actor_params["value_head"] = init_scalar_head(config, key, "value_head")
     elif ppo.critic_role == "separate":
         if ppo.critic_init == "reward_model":
-            if reward_params is None:
-                raise ValueError("config field `ppo.critic_init`: 'reward_model' needs a reward model; use 'sft'")
+            require(reward_params is not None, "ppo.critic_init", "'reward_model' needs a reward model; use 'sft'")
             critic_params = {k: v for k, v in reward_params.items() if k != "reward_head"}
             critic_params["value_head"] = reward_params["reward_head"]
         else:
@@ -225,9 +236,11 @@ def init_ppo(config: ModelConfig, ppo: PPOConfig, mesh, *, sft_params: dict, rew
     return PPOState(actor, critic, kl), frozen_roles(ppo, mesh, reference=sft_params, reward=reward_params)
 
 
-def ppo_iteration(rollout, update, ppo: PPOConfig, state: PPOState, frozen: FrozenRoles, prompt: Array,
+def ppo_iteration(rollout, update, kl_update, state: PPOState, frozen: FrozenRoles, prompt: Array,
                   prompt_mask: Array, sample_key: Array, update_key: Array, ptx=None):
-    """One PPO iteration — rollout, update, KL controller — as ``(state, samples, metrics)``.
+    """One PPO iteration — rollout, update, KL controller — as ``(state, samples, metrics)``;
+    ``kl_update(kl_state, kl) -> kl_state`` is the controller's step (:func:`update_kl_control` with
+    its scalars bound).
 
     The one body of both forms of :func:`make_iteration`: traced into one XLA program (fused), or
     called from the host with the jitted ``rollout`` and ``update`` as two programs (unfused).
@@ -236,8 +249,7 @@ def ppo_iteration(rollout, update, ppo: PPOConfig, state: PPOState, frozen: Froz
     traj, metrics = rollout(state.actor.params, critic_params, frozen.reference, frozen.reward, prompt,
                             prompt_mask, sample_key, state.kl.kl_coef)
     actor, critic, update_metrics = update(state.actor, state.critic, traj, update_key, state.kl.kl_coef, ptx)
-    kl = update_kl_control(state.kl, metrics["kl"], n_steps=ppo.batch_size, target=ppo.kl_target,
-                           horizon=ppo.kl_horizon)
+    kl = kl_update(state.kl, metrics["kl"])
     samples = {"prompt": traj.prompt, "prompt_mask": traj.prompt_mask, "response": traj.response,
                "response_mask": traj.response_mask}
     return PPOState(actor, critic, kl), samples, {**metrics, **update_metrics}
@@ -265,7 +277,9 @@ def make_iteration(actor_config: ModelConfig, ppo: PPOConfig, *, critic_config: 
     rollout = make_rollout(actor_config, ppo, critic_config=critic_config, reward_config=reward_config,
                            reward_pooling=reward_pooling, score_fn=score_fn, gold_fn=gold_fn)
     update = make_update(actor_config, ppo, critic_config=critic_config)
-    body = functools.partial(ppo_iteration, rollout, update, ppo)
+    kl_update = functools.partial(update_kl_control, n_steps=ppo.batch_size, target=ppo.kl_target,
+                                  horizon=ppo.kl_horizon)
+    body = functools.partial(ppo_iteration, rollout, update, kl_update)
 
     @functools.partial(jax.jit, donate_argnums=0)
     def fused_iterations(state, frozen, prompts, prompt_masks, sample_keys, update_keys, ptx=None):

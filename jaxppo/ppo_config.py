@@ -77,10 +77,9 @@ class PPOConfig:
                 f"the minibatch size {minibatch} must be divisible by micro_batches={self.micro_batches}")
         require(self.batch_size % self.score_micro_batches == 0, "ppo.score_micro_batches",
                 f"batch_size={self.batch_size} must be divisible by score_micro_batches={self.score_micro_batches}")
-        if self.kl_estimator is None:  # resolved here, so a saved config shows the estimator that ran
-            object.__setattr__(self, "kl_estimator", "k1" if self.kl_in_reward else "k3")
-        require(self.kl_estimator in KL_ESTIMATORS, "ppo.kl_estimator", f"{self.kl_estimator!r} not in {KL_ESTIMATORS}")
-        require(self.kl_in_reward or self.kl_estimator in ("k2", "k3"), "ppo.kl_estimator",
+        require(self.kl_estimator is None or self.kl_estimator in KL_ESTIMATORS, "ppo.kl_estimator",
+                f"{self.kl_estimator!r} not in {KL_ESTIMATORS} (or None)")
+        require(self.kl_in_reward or self.kl_penalty_estimator in ("k2", "k3"), "ppo.kl_estimator",
                 f"{self.kl_estimator!r} as a loss term (ppo.kl_in_reward=False) has an expected gradient that is "
                 "zero (k1) or not the gradient of KL(π‖π_ref) (abs); use 'k3' or 'k2' (or None: k3)")
         require(self.aggregation in AGGREGATIONS, "ppo.aggregation", f"{self.aggregation!r} not in {AGGREGATIONS}")
@@ -100,6 +99,12 @@ class PPOConfig:
                 f"{self.frozen_dtype!r} not in {DTYPES}")
         require(self.fused or self.iterations_per_call == 1, "ppo.iterations_per_call",
                 "folding iterations into one call needs ppo.fused=True")
+
+    @property
+    def kl_penalty_estimator(self) -> str:
+        """The KL estimator that runs: ``kl_estimator``, or by default k1 in the reward and k3 as a loss
+        (a run's saved config shows it resolved, :meth:`jaxppo.pipeline_config.PipelineConfig.resolved`)."""
+        return self.kl_estimator or ("k1" if self.kl_in_reward else "k3")
 
     @property
     def critic_role(self) -> str:

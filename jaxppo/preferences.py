@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxppo.config import require
+
 Array = jax.Array
 GOLD_LABELS = ("gold", "gold_diff")  # label columns that the reward model never sees
 
@@ -76,9 +78,8 @@ def split(data: dict, *, eval_fraction: float, batch_size: int) -> tuple[dict, d
     data = usable(data)
     n = data["prompt"].shape[0]
     n_eval = max(batch_size, int(n * eval_fraction))
-    if n - n_eval < batch_size:
-        raise ValueError(f"config field `reward_model.num_prompts`: only {n} usable preference pairs/lists; "
-                         f"need > {n_eval + batch_size} for a held-out set and one batch")
+    require(n - n_eval >= batch_size, "reward_model.num_prompts",
+            f"only {n} usable preference pairs/lists; need > {n_eval + batch_size} for a held-out set and one batch")
     labels = {k: data.pop(k)[:n_eval] for k in GOLD_LABELS if k in data}
     return {k: v[n_eval:] for k, v in data.items()}, {k: v[:n_eval] for k, v in data.items()}, labels
 

@@ -80,8 +80,8 @@ def make_rollout(
 
     ``actor``/``reference``/``reward`` are params (the frozen two computed in ``ppo.frozen_dtype``;
     pass them stored in it, :func:`jaxppo.models.config.cast_params`, to save memory); ``critic``
-    is the separate critic's params or None for a shared-trunk value head (``ppo.critic ==
-    "shared"``). With ``score_fn(prompt,
+    is the separate critic's params, or None for a shared-trunk value head (``ppo.critic ==
+    "shared"``) and for estimators without a critic. With ``score_fn(prompt,
     prompt_mask, response, response_mask) -> [B]`` (a programmatic, verifiable reward) the score
     comes from it and ``reward`` is ignored; ``reward_pooling`` is the reward model's
     (:func:`jaxppo.sequences.response_scores`). With ``gold_fn`` (same signature, jittable: a task's
@@ -127,7 +127,7 @@ def make_rollout(
         scores = jnp.where(stopped, proxy, proxy - penalty)
         beta = kl_coef if ppo.kl_in_reward else 0.0
         rewards, kl = kl_shaped_rewards(scores, old_logprobs, ref_logprobs, mask, kl_coef=beta,
-                                        estimator=ppo.kl_estimator)
+                                        estimator=ppo.kl_penalty_estimator)
         if ppo.whiten_rewards:
             rewards = whiten(rewards, mask, shift_mean=False)
         hyperparameters = {name: getattr(ppo, name) for name in estimator.hyperparameters}

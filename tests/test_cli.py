@@ -55,7 +55,7 @@ def test_nested_overrides_equal_replace_by_hand_and_keep_loaded_values(pipeline)
 
 def test_values_bools_none_tuples_and_exponents(pipeline):
     out = apply_overrides(pipeline, [
-        "ppo.kl_in_reward=false", "ppo.kl_estimator=k3", "ppo.whiten_rewards=true", "model.remat=True",
+        "ppo.kl_in_reward=false", "ppo.whiten_rewards=true", "model.remat=True",
         "reward_model.drop_ties=False",
         "ppo.value_clip_eps=None", "ppo.critic_learning_rate=None", "model.eos_token_id=2,5",
         "ppo.learning_rate=1e-4", "ppo.kl_horizon=2.5E3", "ppo.missing_eos_penalty=-0.5",

@@ -153,7 +153,6 @@ def test_separate_critic_value_loss_independent_of_micro_batches():
     assert 0 < float(aux["value_clip_fraction"]) < 1
 
 
-@pytest.mark.slow
 def test_sft_nll_independent_of_micro_batches():
     assert_same_objective(functools.partial(sft_nll, MODEL), random_params(4, ()), demonstrations(4),
                           sft_denominators)

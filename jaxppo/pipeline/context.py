@@ -74,11 +74,11 @@ def _scorer(model: ModelConfig, pooling: str):
 
 def sample(ctx: RunContext, params: dict, prompt, prompt_mask, key: jax.Array):
     """Responses ``(tokens, mask)`` of the policy ``params`` for any number of prompts, in sampler
-    batches of ``eval_batch_size`` (the PPO sampling settings)."""
+    batches of ``eval_batch_size`` (PPO's temperature / top-k / top-p, stopping at the task's EOS)."""
     c = ctx.config
     sampling = SamplingParams(max_new_tokens=ctx.task.max_response_tokens, temperature=c.ppo.temperature,
-                              top_k=c.ppo.top_k, top_p=c.ppo.top_p, stop_token_ids=c.ppo.stop_token_ids,
-                              pad_token_id=c.ppo.pad_token_id)
+                              top_k=c.ppo.top_k, top_p=c.ppo.top_p, stop_token_ids=ctx.task.stop_token_ids,
+                              pad_token_id=ctx.task.pad_token_id)
     sampler = _sampler(c.model, sampling)
     size, tokens, masks = c.eval_batch_size, [], []
     for chunk, start in enumerate(range(0, prompt.shape[0], size)):
@@ -119,11 +119,6 @@ def evaluate(ctx: RunContext, params: dict, reward_params: dict | None = None, i
                 row["proxy_reward"] = float(proxy[j])
         ctx.logger.write_json(samples_file, {"samples": shown})
     return result
-
-
-def frozen_copy(ctx: RunContext, params: dict) -> dict:
-    """Own, sharded buffers for a frozen role's params (train states are donated by their steps)."""
-    return shard_tree(jax.tree.map(jnp.copy, params), ctx.mesh)
 
 
 # ---------------------------------------------------------------------------------------- checkpoints
@@ -218,7 +213,9 @@ def _rewind(run_dir: Path, checkpoints: Mapping[str, StageCheckpoints]) -> None:
         step = ckpt.latest_step()
         if step is None:  # not started, or a stage that saves nothing (SFT of 0 steps)
             current = current or stage
-        elif not ckpt.read_meta(step).get("done"):
+        elif ckpt.read_meta(step).get("done"):
+            current = None  # every stage up to here is finished (a skipped stage before it included)
+        else:
             current, resume_step = stage, step
             break
     order = {s: i for i, s in enumerate(STAGES)}
@@ -254,7 +251,7 @@ def open_run(config: PipelineConfig, run_dir: str | Path) -> Iterator[tuple[RunC
               f"{config.task.max_prompt_tokens} tokens")
     else:
         task = ToyTask(config.task, functools.partial(stream_key, root_key))
-    config = config.with_stop_tokens(task.stop_token_ids, task.pad_token_id)
+    config = config.resolved(stop_token_ids=task.stop_token_ids, pad_token_id=task.pad_token_id)
     as_json = to_json(config)
     _check_run_config(run_dir, as_json)
     checkpoints = {}

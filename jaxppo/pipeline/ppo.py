@@ -2,8 +2,9 @@
 checkpoints out, online reward-model and reference refreshes between calls.
 
 Each call runs up to ``ppo.iterations_per_call`` iterations in one XLA program (never past host
-work: a checkpoint, a refresh); metrics reach the host once per call, and only when an iteration
-in it logs.
+work: a checkpoint, a refresh); metrics reach the host in one transfer per call, and only when an
+iteration in it logs (with the samples, for a task whose gold reward reads decoded text; the
+embedded task's gold reward is computed inside the program).
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxppo.models.config import cast_params
-from jaxppo.pipeline.context import RunContext, frozen_copy, resume, save
+from jaxppo.pipeline.context import RunContext, resume, save
 from jaxppo.pipeline.reward import RewardModel, refresh_reward_model
-from jaxppo.ppo import init_ppo, make_iteration
-from jaxppo.sharding import shard_batch
+from jaxppo.ppo import frozen_params, init_ppo, make_iteration
+from jaxppo.sharding import shard_batch, to_host
+
+SAMPLE_KEYS = ("prompt", "prompt_mask", "response", "response_mask")
 
 
 def iterations_in_call(it: int, *, iterations: int, per_call: int, host_every: tuple[int, ...]) -> int:
@@ -55,14 +57,14 @@ def ppo_stage(ctx: RunContext, sft_params: dict, reward: RewardModel) -> tuple[d
         if online:
             reward = reward._replace(params=items["rm_params"], state=items["rm_state"],
                                      train={k: np.asarray(v) for k, v in items["rm_data"].items()})
-            frozen = frozen.replace(reward=cast_params(reward.params, ppo.frozen_dtype))
+            frozen = frozen.replace(reward=frozen_params(reward.params, ctx.mesh, dtype=ppo.frozen_dtype))
     iterate = make_iteration(c.model, ppo, reward_pooling=c.reward_model.pooling, gold_fn=ctx.task.gold_fn)
     bar = ctx.logger.progress(ppo.iterations - start, desc="PPO")
     it = start
     while it < ppo.iterations:
         if online and it > 0 and it % online == 0:
             reward = refresh_reward_model(ctx, it, state.actor.params, reward)
-            frozen = frozen.replace(reward=cast_params(reward.params, ppo.frozen_dtype))
+            frozen = frozen.replace(reward=frozen_params(reward.params, ctx.mesh, dtype=ppo.frozen_dtype))
         k = iterations_in_call(it, iterations=ppo.iterations, per_call=ppo.iterations_per_call,
                                host_every=(c.checkpoint.every_iterations, online, ppo.ref_refresh_every))
         prompts = [shard_batch(ctx.task.prompts("ppo", it + j, ppo.batch_size), ctx.mesh) for j in range(k)]
@@ -75,19 +77,19 @@ def ppo_stage(ctx: RunContext, sft_params: dict, reward: RewardModel) -> tuple[d
             jnp.stack([ctx.key("ppo-update", it + j) for j in range(k)]), ptx)
         logged = [j for j in range(k) if (it + j) % c.log_every == 0 or it + j == ppo.iterations - 1]
         if logged:
-            metrics = jax.device_get(metrics)  # the one host sync of the call
-            if ctx.task.gold_fn is None:  # a host gold reward (decoded text): scored here
-                samples = jax.device_get(samples)
-                metrics["gold_reward"] = np.array([np.mean(ctx.task.gold(*(samples[name][j] for name in (
-                    "prompt", "prompt_mask", "response", "response_mask")))) for j in range(k)])
+            metrics = jax.device_get(metrics)  # the host sync of the call
+            if ctx.task.gold_fn is None:  # a gold reward of decoded text: the samples come to the host too
+                samples = jax.tree.map(to_host, samples)
         for j in logged:
-            row = ctx.logger.log("ppo", it + j, {"iteration": it + j, **{name: v[j] for name, v in metrics.items()}})
+            row = {"iteration": it + j, **{name: v[j] for name, v in metrics.items()}}
+            if ctx.task.gold_fn is None:
+                row["gold_reward"] = np.mean(ctx.task.gold(*(samples[name][j] for name in SAMPLE_KEYS)))
+            row = ctx.logger.log("ppo", it + j, row)
             bar.set_postfix({name: row[name] for name in ("gold_reward", "proxy_reward", "kl")})
         it += k
         bar.update(k)
         if refresh and it % ppo.ref_refresh_every == 0:
-            frozen = frozen.replace(reference=cast_params(frozen_copy(
-                ctx, {name: v for name, v in state.actor.params.items() if name != "value_head"}), ppo.frozen_dtype))
+            frozen = frozen.replace(reference=frozen_params(state.actor.params, ctx.mesh, dtype=ppo.frozen_dtype))
         done = it == ppo.iterations
         if it % c.checkpoint.every_iterations == 0 or done:
             save(ctx, "ppo", it, checkpoint_items(state, frozen, reward), {"done": done})

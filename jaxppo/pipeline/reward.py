@@ -14,8 +14,9 @@ from jaxppo.data import batch_indices
 from jaxppo.models.config import ModelConfig
 from jaxppo.models.heads import init_params, init_scalar_head
 from jaxppo.optim import create_train_state, make_optimizer
-from jaxppo.pipeline.context import RunContext, fit, frozen_copy, is_done, sample, save, score
+from jaxppo.pipeline.context import RunContext, fit, is_done, sample, save, score
 from jaxppo.pipeline_config import RewardModelConfig
+from jaxppo.ppo import frozen_params
 from jaxppo.reward_model import (
     features_of, fit_probe, head_on_raw, head_on_standardized, list_gold_accuracy, list_scores,
     make_reward_eval, make_reward_step, normalize_reward_head, pair_gold_accuracy, pair_scores,
@@ -130,7 +131,7 @@ def _features(ctx: RunContext, params: dict, data: dict) -> dict:
     out = []
     for start in ctx.logger.progress(range(0, n, size), desc="RM features"):
         rows = np.minimum(np.arange(start, start + size), n - 1)
-        out.append(jax.tree.map(to_host, fns.features(params, shard_batch(preferences.rows(data, rows), ctx.mesh))))
+        out.append(to_host_tree(fns.features(params, shard_batch(preferences.rows(data, rows), ctx.mesh))))
     return jax.tree.map(lambda *xs: np.concatenate(xs)[:n], *out)
 
 
@@ -153,7 +154,7 @@ def _fit_probe(ctx: RunContext, state, train: dict):
 
 def normalized(ctx: RunContext, state_params: dict, norm_samples: tuple | None) -> dict:
     """Frozen reward params (own buffers) whose scores of the SFT samples have mean 0 and std 1."""
-    params = frozen_copy(ctx, state_params)
+    params = frozen_params(state_params, ctx.mesh, dtype=None)
     if norm_samples is None:
         return params
     return normalize_reward_head(params, score(ctx, params, *norm_samples))
@@ -222,9 +223,10 @@ def refresh_reward_model(ctx: RunContext, it: int, policy_params: dict, reward: 
                "new_pairs": new["prompt"].shape[0]}
     train = preferences.concatenate(reward.train, new)
     n = train["prompt"].shape[0]
-    batch_at = _batches(ctx, f"rm-online-batches/{it}", n)
-    for i in range(rm.online_steps):
-        state, step_metrics = fns.step(state, shard_batch(preferences.rows(train, batch_at(i)), ctx.mesh))
+    batch_at = _batches(ctx, "rm-online-batches", n)
+    for i in range(rm.online_steps):  # step (refresh, i) of the stream: a pure function of both
+        rows = batch_at(it * rm.online_steps + i)
+        state, step_metrics = fns.step(state, shard_batch(preferences.rows(train, rows), ctx.mesh))
     step_metrics = jax.device_get(step_metrics)
     metrics.update(num_train=n, loss=float(step_metrics["loss"]), accuracy=float(step_metrics["accuracy"]))
     ctx.logger.log("reward_model_online", it, metrics)
