@@ -83,7 +83,8 @@ def accumulated(loss_fn, params, batch, denominators, micro_batches):
 def per_micro_batch_mean_grads(loss_fn, params, batch, denominators_fn, micro_batches):
     """The old reduction: the mean over micro-batches of the gradients of each micro-batch's own mean loss."""
     micros = split_micro_batches(batch, micro_batches)
-    grads = [jax.grad(lambda p, m: loss_fn(p, m, denominators_fn(m))[0])(params, micro)
+    grad_fn = jax.jit(jax.grad(lambda p, m: loss_fn(p, m, denominators_fn(m))[0]))  # one trace for all
+    grads = [grad_fn(params, micro)
              for micro in (jax.tree.map(lambda x, i=i: x[i], micros) for i in range(micro_batches))]
     return jax.tree.map(lambda *g: sum(g) / micro_batches, *grads)
 
@@ -93,7 +94,7 @@ def assert_same_objective(loss_fn, params, batch, denominators_fn, *, old_behavi
     denominators = denominators_fn(batch)
     loss, aux, grads = accumulated(loss_fn, params, batch, denominators, 1)
     # micro_batches=1 is the unsplit loss function itself
-    np.testing.assert_allclose(loss, loss_fn(params, batch, None)[0], rtol=1e-6)
+    np.testing.assert_allclose(loss, jax.jit(lambda p, b: loss_fn(p, b, None)[0])(params, batch), rtol=1e-6)
     for k in (2, 4):
         loss_k, aux_k, grads_k = accumulated(loss_fn, params, batch, denominators, k)
         np.testing.assert_allclose(loss_k, loss, rtol=1e-5, err_msg=f"loss, {k} micro-batches")

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import tensorboard_scalars
 from experiments.run import run_pipeline
-from jaxppo.logging import read_metrics
+from jaxppo.logging import RunLogger, read_metrics
 from jaxppo.pipeline import open_run, ppo_stage, reward_model_stage, sft_stage
 from jaxppo.pipeline.context import score
 from jaxppo.pipeline.reward import reward_fns
@@ -77,33 +77,28 @@ def test_online_refresh_labels_policy_samples_and_retrains_the_reward_model(tmp_
     assert reward_fns(MODEL, config.reward_model).step._cache_size() == 1  # the stage and both refreshes: one trace
 
 
-def test_pipeline_rollout_stops_at_the_task_eos_when_ppo_names_no_stop_token(tmp_path):
+def test_ppo_forms_log_the_same_run_and_stop_at_the_task_eos(tmp_path):
+    """One SFT and reward model, then the PPO stage three ways: ppo.fused (one program per iteration),
+    iterations_per_call=3 (folded between checkpoints, every 2 iterations here: calls of 2) and the
+    two-function form (the same body from the host) log the same PPO metrics. ``ppo`` names no stop
+    token: the task's EOS is resolved into the saved config once, and rollouts stop there."""
     config = tiny_config(num_prompts=256, steps=10)
     config = dataclasses.replace(config, sft=dataclasses.replace(config.sft, steps=20),
-                                 ppo=dataclasses.replace(config.ppo, iterations=1, stop_token_ids=(), pad_token_id=0))
+                                 checkpoint=CheckpointConfig(enabled=False, every_iterations=2),
+                                 ppo=dataclasses.replace(config.ppo, iterations=4, stop_token_ids=(), pad_token_id=0))
+    runs = {}
     with open_run(config, tmp_path) as (ctx, base):
         sft = sft_stage(ctx, base)
-        ppo_stage(ctx, sft, reward_model_stage(ctx, sft))
-    row = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["stage"] == "ppo"][0]
-    assert row["stopped_fraction"] > 0.5 and row["response_length"] < TASK.max_response_tokens
-    # resolved once, before the run: the saved config is the one that ran
+        reward = reward_model_stage(ctx, sft)
+        for name, fused, per_call in (("split", False, 1), ("fused", True, 1), ("folded", True, 3)):
+            ppo = dataclasses.replace(ctx.config.ppo, fused=fused, iterations_per_call=per_call)
+            with RunLogger(tmp_path / name, echo=None) as logger:
+                ppo_stage(dataclasses.replace(ctx, config=dataclasses.replace(ctx.config, ppo=ppo), logger=logger),
+                          sft, reward)
+            runs[name] = [r for r in read_metrics(tmp_path / name / "metrics.jsonl") if r["stage"] == "ppo"]
     saved = json.loads((tmp_path / "config.json").read_text())["ppo"]
     assert (saved["stop_token_ids"], saved["pad_token_id"]) == ([EOS], PAD)
-
-
-def test_fused_folded_and_two_function_pipelines_log_the_same_ppo_run(tmp_path):
-    """ppo.fused (one program per iteration), iterations_per_call=3 (folded between checkpoints,
-    every 2 iterations here: calls of 2) and the two-function form give the same PPO metrics."""
-    config = tiny_config(num_prompts=256, steps=10)
-    config = dataclasses.replace(config, sft=dataclasses.replace(config.sft, steps=20),
-                                 checkpoint=CheckpointConfig(enabled=False, every_iterations=2))
-    runs = {}
-    for name, fused, per_call in (("split", False, 1), ("fused", True, 1), ("folded", True, 3)):
-        ppo = dataclasses.replace(config.ppo, iterations=4, fused=fused, iterations_per_call=per_call)
-        with open_run(dataclasses.replace(config, ppo=ppo), tmp_path / name) as (ctx, base):
-            sft = sft_stage(ctx, base)
-            ppo_stage(ctx, sft, reward_model_stage(ctx, sft))
-        runs[name] = [r for r in read_metrics(tmp_path / name / "metrics.jsonl") if r["stage"] == "ppo"]
+    assert runs["split"][0]["stopped_fraction"] > 0.5 and runs["split"][0]["response_length"] < TASK.max_response_tokens
     for name in ("fused", "folded"):
         assert [r["iteration"] for r in runs[name]] == [0, 1, 2, 3]
         for a, b in zip(runs["split"], runs[name]):
