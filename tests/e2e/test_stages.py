@@ -108,7 +108,7 @@ def test_ppo_forms_log_the_same_run_and_stop_at_the_task_eos(tmp_path):
 
 
 def test_end_to_end_sft_rm_ppo(tmp_path):
-    summary = run_pipeline(tiny_config(), tmp_path)
+    summary = run_pipeline(tiny_config(num_prompts=512, steps=100), tmp_path)
     assert set(summary) >= {"sft_gold_reward", "final_gold_reward", "optimal_gold_reward", "wall_seconds"}
     assert summary["optimal_gold_reward"] == 4.0
     assert json.loads((tmp_path / "summary.json").read_text())["final_gold_reward"] == summary["final_gold_reward"]
