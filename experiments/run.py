@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from jaxppo.cli import parse_args
+from jaxppo.errors import InputError
 from jaxppo.pipeline_config import PipelineConfig
 from jaxppo.tabular_ppo import TabularPPOConfig, train
 
@@ -36,6 +37,15 @@ def run_pipeline(config, run_dir: str | Path) -> dict:
 
 def main(argv=None) -> None:
     config, args = parse_args(argv, description=__doc__)
+    try:
+        _main(config, args)
+    except (InputError, OSError) as e:  # bad input or an unwritable run directory: one line, no traceback
+        if args.debug:
+            raise
+        raise SystemExit(f"error: {e}") from None
+
+
+def _main(config, args) -> None:
     if isinstance(config, TabularPPOConfig):
         history = train(config)
         print(f"gold score {history[0]['score']:.3f} -> {history[-1]['score']:.3f} (optimum 1.0)")
@@ -44,8 +54,9 @@ def main(argv=None) -> None:
         raise SystemExit(f"{args.config}: get_config() returned {type(config).__name__}, which experiments.run cannot run")
     import jax
 
-    from jaxppo.sharding import initialize_distributed
+    from jaxppo.sharding import initialize_distributed, reserve_cpu_collective_threads
 
+    reserve_cpu_collective_threads()  # before JAX starts its CPU backend
     initialize_distributed(args.coordinator, args.num_processes, args.process_id)  # before any computation
     if jax.process_count() > 1 and not args.run_dir:
         raise SystemExit("a multi-process run needs --run-dir: every process must write to the same directory")

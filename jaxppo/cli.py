@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 import tyro
 
 from jaxppo.config import load_config
+from jaxppo.errors import InputError
 
 _NONE = type(None)
 
@@ -388,6 +389,9 @@ def parse_args(argv: Sequence[str] | None = None, *, prog: str = "python -m expe
     parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                         help="override config fields, e.g. --set ppo.kl_coef=0.1 model.dtype=bfloat16")
     parser.add_argument("--run-dir", default=None, help="output directory (default: a fresh folder under runs/)")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an input error (a config field, file or run directory) "
+                             "instead of its one line")
     group = parser.add_argument_group("multi-process runs (jax.distributed; default: $JAX_COORDINATOR_ADDRESS, "
                                       "$JAX_NUM_PROCESSES, $JAX_PROCESS_ID; JAXPPO_DISTRIBUTED=auto on TPU pods)")
     group.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="address of process 0")
@@ -396,7 +400,7 @@ def parse_args(argv: Sequence[str] | None = None, *, prog: str = "python -m expe
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, InputError) as exc:
         if args.help:
             print(parser.format_help())
         parser.error(str(exc))

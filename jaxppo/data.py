@@ -42,6 +42,13 @@ Examples (JSONL)::
 
 Prompts and responses must not be empty or whitespace only.
 
+A pair whose chosen and rejected responses are the same tokens (the same text, or two texts cut to the
+same first ``max_response_tokens`` ids), or a ranked list with two such responses, is *dropped*: it
+carries no preference the model can see (its Bradley–Terry / DPO gradient is exactly zero, a ranked
+list with a response twice contradicts itself) yet it would count in the loss and accuracy means. The
+dropped records are counted (``num_identical``) and logged as a warning naming their lines; a file
+with nothing left raises.
+
 Tokens
 ======
 :class:`TextFormat` says how text becomes ids:
@@ -57,6 +64,9 @@ Prompts longer than ``max_prompt_tokens`` lose their *beginning* (``truncation="
 the generation prompt) or raise (``truncation="error"``); responses longer than
 ``max_response_tokens`` (EOS included) lose their end, and with it their EOS. Both are counted
 (``num_truncated``, ``num_response_truncated``) and logged as a warning on the ``jaxppo.data`` logger.
+Every id at a real position must lie in ``[0, vocab_size)`` of the *model* (the loaders' ``vocab_size``):
+JAX gathers turn an id without an embedding row into NaNs rather than an error, so one is refused
+naming its record's line.
 
 Arrays: prompts are left-padded ``[N, P]`` with ``P = max_prompt_tokens``, responses right-padded
 ``[N, R]`` (``[N, K, R]`` for rankings) with ``R = max_response_tokens``, int32, padded with the
@@ -86,6 +96,8 @@ from typing import Any, ClassVar, Sequence
 
 import numpy as np
 
+from jaxppo.errors import InputError
+
 __all__ = [
     "FORMATS", "TRUNCATIONS", "DataError", "TextFormat", "Prompts", "Demonstrations", "Preferences", "Rankings",
     "read_records", "load_prompts", "load_demonstrations", "load_preferences", "load_rankings",
@@ -98,7 +110,7 @@ TRUNCATIONS = ("left", "error")
 _log = logging.getLogger(__name__)
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """A problem with a dataset file; the message starts with ``path:line: `` (or ``path[item i]: ``,
     ``path[row i]: ``, or ``path: `` for the file as a whole)."""
 
@@ -129,7 +141,35 @@ def _read_jsonl(path: pathlib.Path) -> list[tuple[str, Any]]:
             located.append((where, json.loads(line)))
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+        except RecursionError:
+            raise DataError(f"{where}: JSON nested too deeply to read") from None
     return located
+
+
+def _deepest_line(text: str) -> int:
+    """The 1-based line of ``text`` where its JSON arrays / objects are nested deepest (strings skipped)."""
+    depth = deepest = 0
+    line = at = 1
+    in_string = escaped = False
+    for char in text:
+        if char == "\n":
+            line += 1
+        elif in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > deepest:
+                deepest, at = depth, line
+        elif char in "]}":
+            depth -= 1
+    return at
 
 
 def _read_json(path: pathlib.Path) -> list[tuple[str, Any]]:
@@ -141,6 +181,8 @@ def _read_json(path: pathlib.Path) -> list[tuple[str, Any]]:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise DataError(f"{path}:{_deepest_line(text)}: JSON nested too deeply to read") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
@@ -294,7 +336,8 @@ class Demonstrations(_Arrays):
 @dataclasses.dataclass(frozen=True, eq=False)
 class Preferences(_Arrays):
     """Preference pairs: prompts ``[N, P]``, chosen / rejected ``[N, R]`` with masks, ``margin`` ``[N]``
-    float32 (0 where absent). ``num_response_truncated`` counts chosen and rejected texts alike."""
+    float32 (0 where absent). ``num_response_truncated`` counts chosen and rejected texts alike; the
+    ``num_identical`` pairs with chosen equal to rejected are not among the N rows."""
 
     prompt: np.ndarray
     prompt_mask: np.ndarray
@@ -306,6 +349,7 @@ class Preferences(_Arrays):
     num_truncated: int
     num_response_truncated: int
     source: str
+    num_identical: int = 0  # pairs dropped because chosen and rejected were the same tokens
 
     _ARRAYS: ClassVar[tuple[str, ...]] = (
         "prompt", "prompt_mask", "chosen", "chosen_mask", "rejected", "rejected_mask", "margin")
@@ -315,7 +359,8 @@ class Preferences(_Arrays):
 @dataclasses.dataclass(frozen=True, eq=False)
 class Rankings(_Arrays):
     """Ranked lists: prompts ``[N, P]``, ``responses`` ``[N, K, R]`` best first with ``response_mask``.
-    ``num_response_truncated`` counts truncated responses among the N·K."""
+    ``num_response_truncated`` counts truncated responses among the N·K; the ``num_identical`` lists with
+    a response twice are not among the N rows."""
 
     prompt: np.ndarray
     prompt_mask: np.ndarray
@@ -324,6 +369,7 @@ class Rankings(_Arrays):
     num_truncated: int
     num_response_truncated: int
     source: str
+    num_identical: int = 0  # lists dropped because two of their responses were the same tokens
 
     _ARRAYS: ClassVar[tuple[str, ...]] = ("prompt", "prompt_mask", "responses", "response_mask")
 
@@ -332,7 +378,10 @@ class Rankings(_Arrays):
 
 
 def _describe(value: Any) -> str:
-    text = repr(value)
+    try:
+        text = repr(value)
+    except RecursionError:
+        return f"{type(value).__name__} (nested too deeply to show)"
     return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
 
 
@@ -517,8 +566,47 @@ def _report(source: str, kind: str, n: int, fmt: TextFormat, num_truncated: int,
                      source, num_response_truncated, num_responses, kind, fmt.max_response_tokens)
 
 
-def _vocab(tokenizer, vocab_size: int | None) -> int:
-    return int(tokenizer.vocab_size if vocab_size is None else vocab_size)
+def _vocab(tokenizer, vocab_size: int | None) -> tuple[int, str]:
+    """``(vocab_size, whose)``: the model's when given, else the tokenizer's."""
+    if vocab_size is None:
+        return int(tokenizer.vocab_size), "the tokenizer's vocabulary"
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)) or vocab_size < 1:
+        raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
+    return int(vocab_size), "the model's vocabulary"
+
+
+def _check_ids(located: Sequence[tuple[str, dict]], tokens: np.ndarray, mask: np.ndarray, vocab: tuple[int, str],
+               *, what: str) -> None:
+    """Like :func:`check_token_ids` on ``tokens [N, L]`` (row i from record i), naming the record's line."""
+    vocab_size, whose = vocab
+    bad = (mask != 0) & ((tokens < 0) | (tokens >= vocab_size))
+    if not bad.any():
+        return
+    rows = np.flatnonzero(bad.any(axis=1))
+    row = int(rows[0])
+    position = int(np.argmax(bad[row]))
+    more = f" ({len(rows) - 1} more records have such ids)" if len(rows) > 1 else ""
+    raise DataError(f"{located[row][0]}: {what} token id {int(tokens[row, position])} at position {position} is "
+                    f"outside {whose} [0, {vocab_size}){more}")
+
+
+def _drop_identical(source: str, kind: str, located: Sequence[tuple[str, dict]], same: np.ndarray,
+                    arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
+    """``(arrays without the rows where same [N] is True, how many)``, logged with their lines."""
+    num_identical = int(same.sum())
+    if not num_identical:
+        return arrays, 0
+    if num_identical == len(same):
+        raise DataError(f"{source}: in every record (all {num_identical}) {kind}; no preference is left to learn")
+    lines = [located[i][0] for i in np.flatnonzero(same)[:3]]
+    _log.warning("%s: dropped %d of %d records in which %s (e.g. %s)", source, num_identical, len(same), kind,
+                 ", ".join(lines))
+    return {name: array[~same] for name, array in arrays.items()}, num_identical
+
+
+def _same_tokens(a: np.ndarray, a_mask: np.ndarray, b: np.ndarray, b_mask: np.ndarray) -> np.ndarray:
+    """``[N]``: rows ``[N, R]`` of ``a`` and ``b`` with the same real tokens (padding ignored)."""
+    return np.all(a_mask == b_mask, axis=-1) & np.all(np.where(a_mask != 0, a == b, True), axis=-1)
 
 
 def load_prompts(path: str | os.PathLike, tokenizer, fmt: TextFormat, *, vocab_size: int | None = None) -> Prompts:
@@ -530,7 +618,7 @@ def load_prompts(path: str | os.PathLike, tokenizer, fmt: TextFormat, *, vocab_s
     source, located = _start(path, tokenizer, fmt)
     prompts = [_prompt_field(record, where, expected) for where, record in located]
     prompt, prompt_mask, num_truncated = _encode_prompts(located, prompts, tokenizer, fmt)
-    check_token_ids(prompt, prompt_mask, _vocab(tokenizer, vocab_size), where=source)
+    _check_ids(located, prompt, prompt_mask, _vocab(tokenizer, vocab_size), what="prompt")
     _report(source, "prompts", len(located), fmt, num_truncated)
     return Prompts(prompt, prompt_mask, tuple(text for text, _ in prompts), num_truncated, source)
 
@@ -548,8 +636,8 @@ def load_demonstrations(path: str | os.PathLike, tokenizer, fmt: TextFormat, *,
     prompt, prompt_mask, num_truncated = _encode_prompts(located, prompts, tokenizer, fmt)
     response, response_mask, num_response_truncated = _encode_responses(responses, tokenizer, fmt)
     vocab = _vocab(tokenizer, vocab_size)
-    check_token_ids(prompt, prompt_mask, vocab, where=source)
-    check_token_ids(response, response_mask, vocab, where=source)
+    _check_ids(located, prompt, prompt_mask, vocab, what="prompt")
+    _check_ids(located, response, response_mask, vocab, what="response")
     _report(source, "responses", len(located), fmt, num_truncated, num_response_truncated, len(located))
     return Demonstrations(prompt, prompt_mask, response, response_mask, num_truncated, num_response_truncated,
                           source)
@@ -557,7 +645,12 @@ def load_demonstrations(path: str | os.PathLike, tokenizer, fmt: TextFormat, *,
 
 def load_preferences(path: str | os.PathLike, tokenizer, fmt: TextFormat, *,
                      vocab_size: int | None = None) -> Preferences:
-    """Preference pairs: records with a prompt, ``"chosen"``, ``"rejected"`` and optional ``"margin"``."""
+    """Preference pairs: records with a prompt, ``"chosen"``, ``"rejected"`` and optional ``"margin"``.
+
+    Pairs whose chosen and rejected responses are the same tokens are dropped and counted
+    (``num_identical``, a warning names their lines); ``vocab_size`` is the model's, as for
+    :func:`load_prompts`.
+    """
     expected = "'prompt' (or 'messages'), 'chosen', 'rejected' and optionally 'margin'"
     source, located = _start(path, tokenizer, fmt)
     _check_eos(source, tokenizer, fmt)
@@ -570,17 +663,23 @@ def load_preferences(path: str | os.PathLike, tokenizer, fmt: TextFormat, *,
     n = len(located)
     prompt, prompt_mask, num_truncated = _encode_prompts(located, prompts, tokenizer, fmt)
     responses, masks, num_response_truncated = _encode_responses(chosen_texts + rejected_texts, tokenizer, fmt)
+    arrays = {"prompt": prompt, "prompt_mask": prompt_mask, "chosen": responses[:n], "chosen_mask": masks[:n],
+              "rejected": responses[n:], "rejected_mask": masks[n:], "margin": np.asarray(margins, np.float32)}
     vocab = _vocab(tokenizer, vocab_size)
-    check_token_ids(prompt, prompt_mask, vocab, where=source)
-    check_token_ids(responses, masks, vocab, where=source)
+    _check_ids(located, prompt, prompt_mask, vocab, what="prompt")
+    for name in ("chosen", "rejected"):
+        _check_ids(located, arrays[name], arrays[f"{name}_mask"], vocab, what=f"'{name}'")
     _report(source, "chosen/rejected responses", n, fmt, num_truncated, num_response_truncated, 2 * n)
-    return Preferences(prompt, prompt_mask, responses[:n], masks[:n], responses[n:], masks[n:],
-                       np.asarray(margins, np.float32), num_truncated, num_response_truncated, source)
+    same = _same_tokens(arrays["chosen"], arrays["chosen_mask"], arrays["rejected"], arrays["rejected_mask"])
+    arrays, num_identical = _drop_identical(source, "'chosen' and 'rejected' are the same tokens", located, same,
+                                            arrays)
+    return Preferences(**arrays, num_truncated=num_truncated, num_response_truncated=num_response_truncated,
+                       source=source, num_identical=num_identical)
 
 
 def load_rankings(path: str | os.PathLike, tokenizer, fmt: TextFormat, *, vocab_size: int | None = None) -> Rankings:
     """Ranked lists: records with a prompt and ``"responses"`` ``[best, ..., worst]``, the same K >= 2 in
-    every record."""
+    every record. Lists with two responses of the same tokens are dropped and counted (``num_identical``)."""
     expected = "'prompt' (or 'messages') and 'responses' (a list of K >= 2 strings, best first)"
     source, located = _start(path, tokenizer, fmt)
     _check_eos(source, tokenizer, fmt)
@@ -612,10 +711,18 @@ def load_rankings(path: str | os.PathLike, tokenizer, fmt: TextFormat, *, vocab_
     responses = flat.reshape(n, k, fmt.max_response_tokens)
     response_mask = flat_mask.reshape(n, k, fmt.max_response_tokens)
     vocab = _vocab(tokenizer, vocab_size)
-    check_token_ids(prompt, prompt_mask, vocab, where=source)
-    check_token_ids(responses, response_mask, vocab, where=source)
+    _check_ids(located, prompt, prompt_mask, vocab, what="prompt")
+    for i in range(k):
+        _check_ids(located, responses[:, i], response_mask[:, i], vocab, what=f"responses[{i}]")
     _report(source, "ranked responses", n, fmt, num_truncated, num_response_truncated, n * k)
-    return Rankings(prompt, prompt_mask, responses, response_mask, num_truncated, num_response_truncated, source)
+    same = np.zeros(n, bool)
+    for i in range(k):
+        for j in range(i + 1, k):
+            same |= _same_tokens(responses[:, i], response_mask[:, i], responses[:, j], response_mask[:, j])
+    arrays = {"prompt": prompt, "prompt_mask": prompt_mask, "responses": responses, "response_mask": response_mask}
+    arrays, num_identical = _drop_identical(source, "'responses' hold the same tokens twice", located, same, arrays)
+    return Rankings(**arrays, num_truncated=num_truncated, num_response_truncated=num_response_truncated,
+                    source=source, num_identical=num_identical)
 
 
 # ---------------------------------------------------------------------------------------------- batches

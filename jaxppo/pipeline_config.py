@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 
-from jaxppo.config import require
+from jaxppo.config import MAX_LEARNING_RATE, require, require_finite, require_range
 from jaxppo.losses import OBJECTIVES
 from jaxppo.models.config import ModelConfig
 from jaxppo.ppo_config import PPOConfig
+from jaxppo.rng import NUM_SEEDS
 from jaxppo.sharding import MeshConfig
 from jaxppo.tasks import TextTaskConfig
 from jaxppo.toy_task import ToyTaskConfig
@@ -19,8 +20,8 @@ class SFTConfig:
 
     steps: int = 600  # 0: no SFT (a pretrained instruct model is the SFT policy)
     batch_size: int = 64  # demonstrations per step
-    learning_rate: float = 3e-3  # AdamW peak learning rate
-    warmup_steps: int = 50  # linear warm-up from 0
+    learning_rate: float = 3e-3  # AdamW peak learning rate, in (0, 1]
+    warmup_steps: int = 50  # linear warm-up from 0; 0: none
     micro_batches: int = 1  # gradient accumulation: batch_size / micro_batches rows per forward pass
 
     def __post_init__(self):
@@ -29,6 +30,8 @@ class SFTConfig:
             require(getattr(self, name) >= 1, f"sft.{name}", f"must be >= 1, got {getattr(self, name)}")
         require(self.batch_size % self.micro_batches == 0, "sft.micro_batches",
                 f"batch_size={self.batch_size} must be divisible by micro_batches={self.micro_batches}")
+        require_range(self.learning_rate, "sft.learning_rate", gt=0, le=MAX_LEARNING_RATE)
+        require_range(self.warmup_steps, "sft.warmup_steps", ge=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,8 +44,8 @@ class RewardModelConfig:
     eval_fraction: float = 0.1  # share of the preference data held out for eval accuracy
     steps: int = 1000  # optimizer steps
     batch_size: int = 64  # pairs (or lists) per step
-    learning_rate: float = 1e-3  # AdamW peak learning rate
-    warmup_steps: int = 50  # linear warm-up from 0
+    learning_rate: float = 1e-3  # AdamW peak learning rate, in (0, 1]
+    warmup_steps: int = 50  # linear warm-up from 0; 0: none
     micro_batches: int = 1  # gradient accumulation
     use_margin: bool = False  # Bradley–Terry with the pair's margin (Llama 2)
     drop_ties: bool = True  # pairs whose responses have equal gold reward are not labelled
@@ -59,7 +62,9 @@ class RewardModelConfig:
     def __post_init__(self):
         require(self.objective in OBJECTIVES, "reward_model.objective", f"{self.objective!r} not in {OBJECTIVES}")
         require(self.list_size >= 2, "reward_model.list_size", f"must be >= 2, got {self.list_size}")
-        require(0 < self.eval_fraction < 1, "reward_model.eval_fraction", "must be in (0, 1)")
+        require_range(self.eval_fraction, "reward_model.eval_fraction", gt=0, lt=1)
+        require_range(self.learning_rate, "reward_model.learning_rate", gt=0, le=MAX_LEARNING_RATE)
+        require_range(self.warmup_steps, "reward_model.warmup_steps", ge=0)
         for name in ("num_prompts", "steps", "batch_size", "micro_batches", "online_prompts", "online_steps"):
             require(getattr(self, name) >= 1, f"reward_model.{name}", f"must be >= 1, got {getattr(self, name)}")
         require(self.pooling in ("last", "mean"), "reward_model.pooling", f"{self.pooling!r} not in ('last', 'mean')")
@@ -95,7 +100,7 @@ class PipelineConfig:
     checkpoint: CheckpointConfig = CheckpointConfig()
     mesh: MeshConfig = MeshConfig(data=-1, fsdp=1, tensor=1)  # device mesh: data × fsdp × tensor (-1: the rest)
     pretrained: str = ""  # HF directory, .gguf file or "smollm2"; "" = random init
-    seed: int = 0  # every random draw derives from it by fold_in
+    seed: int = 0  # in [0, 2**32) (the seeds jax.random.key tells apart); every random draw derives from it by fold_in
     log_every: int = 1  # PPO iterations between metric rows
     eval_batch_size: int = 512  # sampler batch for evaluation and preference data
     num_samples: int = 8  # responses written to samples_{sft,final}.json before and after PPO
@@ -103,6 +108,10 @@ class PipelineConfig:
     wandb_project: str = ""  # also log to Weights & Biases (needs `pip install wandb`); "" = off
 
     def __post_init__(self):
+        require_finite(self)  # every float of every section, the task's included
+        require_range(self.seed, "seed", ge=0, lt=NUM_SEEDS)  # seed + 2**32 would give seed's keys
+        # Bradley–Terry labels P(a ≻ b) = σ(β (gold_a − gold_b)): β < 0 prefers the worse response (0: coin flips)
+        require_range(self.task.preference_beta, "task.preference_beta", ge=0)
         text = isinstance(self.task, TextTaskConfig)
         require(not text or bool(self.pretrained), "pretrained", "a text task needs a pretrained model (its tokenizer)")
         require(bool(self.pretrained) or self.sft.steps >= 1, "sft.steps",
@@ -122,6 +131,11 @@ class PipelineConfig:
         require(prompt_len + self.task.max_response_tokens <= self.model.max_position_embeddings,
                 "task.max_response_tokens", f"prompt ({prompt_len}) + response ({self.task.max_response_tokens}) "
                 f"tokens exceed the model's context of {self.model.max_position_embeddings}")
+        vocab = self.model.vocab_size  # a stop token outside it never ends a response; a pad token is embedded
+        for token in self.ppo.stop_token_ids:
+            require(token < vocab, "ppo.stop_token_ids", f"token id {token} is not in the model's vocabulary of {vocab}")
+        require(self.ppo.pad_token_id < vocab, "ppo.pad_token_id",
+                f"token id {self.ppo.pad_token_id} is not in the model's vocabulary of {vocab}")
         require(self.log_every >= 1, "log_every", "must be >= 1")
         require(self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
         require(self.num_samples >= 0, "num_samples", "must be >= 0")

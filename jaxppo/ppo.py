@@ -162,7 +162,7 @@ def make_update(actor_config: ModelConfig, ppo: PPOConfig, *, critic_config: Mod
         metrics = {k: jnp.mean(v) for k, v in aux.items()}
         metrics["max_abs_log_ratio"] = jnp.max(aux["max_abs_log_ratio"])
         metrics["first_max_abs_log_ratio"] = aux["max_abs_log_ratio"][0, 0]
-        # cumulative count of minibatch steps skipped for non-finite gradients (optim.make_optimizer)
+        # cumulative count of minibatch steps skipped as non-finite: gradients, updates, params or moments (optim)
         metrics["actor_skipped_updates"] = skipped_updates(actor)
         if ppo.critic_role == "separate":
             metrics["critic_skipped_updates"] = skipped_updates(critic)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from jaxppo.advantages import ESTIMATORS
-from jaxppo.config import require
+from jaxppo.config import MAX_LEARNING_RATE, require, require_range
 from jaxppo.losses import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
 from jaxppo.models.config import DTYPES
 
@@ -21,17 +21,17 @@ class PPOConfig:
     batch_size: int = 64  # prompts (= episodes) per iteration
     max_new_tokens: int = 8  # response length cap, in tokens
     temperature: float = 1.0  # > 0; sampling temperature, also applied to the log-probs PPO optimises
-    top_k: int = 0  # sample among the k most likely tokens; 0: off
+    top_k: int = 0  # >= 0; sample among the k most likely tokens; 0: off
     top_p: float = 1.0  # nucleus sampling mass in (0, 1]; 1: off
     stop_token_ids: tuple[int, ...] = ()  # a response ends with (and keeps) any of these; (): none (pipeline: the task's EOS)
-    pad_token_id: int = 0  # fills a response after its stop token (masked out)
+    pad_token_id: int = 0  # fills a response after its stop token (masked out); a token id, >= 0
     sampler_logprobs: bool = False  # old log-probs from the sampler (KV-cache logits): one actor forward pass fewer
     score_micro_batches: int = 1  # the rollout's scoring passes run over this many slices of the batch, in turn
-    missing_eos_penalty: float = 1.0  # subtracted from the score of a response that never emitted a stop token
+    missing_eos_penalty: float = 1.0  # >= 0; subtracted from the score of a response that never emitted a stop token
     # rewards and advantages
     kl_coef: float = 0.05  # β >= 0: weight of the KL to the reference policy (initial β when adaptive)
-    kl_target: float | None = None  # None: fixed β; else adapt β to this sequence KL (nats; Ziegler et al. 2019)
-    kl_horizon: float = 10_000.0  # adaptive β moves <= 20 % × batch_size / kl_horizon per iteration
+    kl_target: float | None = None  # None: fixed β; else adapt β to this sequence KL (> 0 nats; Ziegler et al. 2019)
+    kl_horizon: float = 10_000.0  # > 0.2·batch_size; adaptive β moves <= 20 % × batch_size / kl_horizon per iteration
     # per-token KL estimate: k1 (log-ratio), k2, k3 or abs (losses.kl_penalty); None: k1 in the reward, k3 as a
     # loss. As a loss only k2 / k3 work: k1's expected gradient is 0 (E_π[∇log π] = 0), abs's is not KL's.
     kl_estimator: str | None = None
@@ -45,20 +45,20 @@ class PPOConfig:
     epochs: int = 4  # passes over each rollout batch
     minibatches: int = 4  # minibatches per epoch; must divide batch_size
     micro_batches: int = 1  # gradient-accumulation splits of a minibatch; must divide the minibatch size
-    learning_rate: float = 1e-5  # > 0; actor AdamW learning rate
-    critic_learning_rate: float | None = None  # separate critic's learning rate; None: learning_rate
-    max_grad_norm: float = 1.0  # global gradient-norm clip of each actor / critic step; 0: off
-    clip_eps: float = 0.2  # > 0; PPO ratio clip: ρ kept in [1 − clip_eps, 1 + clip_eps_high]
-    clip_eps_high: float | None = None  # upper ratio clip; None: clip_eps (larger: DAPO's clip-higher)
+    learning_rate: float = 1e-5  # in (0, 1]; actor AdamW learning rate
+    critic_learning_rate: float | None = None  # in (0, 1]; separate critic's learning rate; None: learning_rate
+    max_grad_norm: float = 1.0  # >= 0; global gradient-norm clip of each actor / critic step; 0: off
+    clip_eps: float = 0.2  # in (0, 1); PPO ratio clip: ρ kept in [1 − clip_eps, 1 + clip_eps_high]
+    clip_eps_high: float | None = None  # > 0; upper ratio clip; None: clip_eps (larger: DAPO's clip-higher)
     dual_clip: float | None = None  # c > 1: loss of tokens with A < 0 capped at −c·A (Ye et al. 2020); None: off
-    value_clip_eps: float | None = 0.2  # value loss clips new values to old ± this; None: unclipped
-    vf_coef: float = 0.1  # weight of the value loss
-    entropy_coef: float = 0.0  # weight of the entropy bonus (subtracted from the actor loss)
+    value_clip_eps: float | None = 0.2  # > 0; value loss clips new values to old ± this; None: unclipped
+    vf_coef: float = 0.1  # >= 0; weight of the value loss
+    entropy_coef: float = 0.0  # >= 0; weight of the entropy bonus (subtracted from the actor loss)
     policy_loss: str = "clip"  # actor surrogate, a name in jaxppo.losses.POLICY_LOSSES ("clip": token-level PPO clip)
     aggregation: str = "token-mean"  # token losses → scalar: token-mean, seq-mean-token-mean or seq-mean-token-sum
     critic: str = "separate"  # "separate": its own model; "shared": a value head on the actor's trunk
     critic_init: str = "reward_model"  # separate critic from "reward_model" (its head → value head) or "sft" (new head)
-    ptx_coef: float = 0.0  # PPO-ptx: weight of an SFT loss on demonstrations in the actor loss; 0: off
+    ptx_coef: float = 0.0  # >= 0; PPO-ptx: weight of an SFT loss on demonstrations in the actor loss; 0: off
     ref_refresh_every: int = 0  # 0: never; k: reference ← actor every k iterations
     # execution
     frozen_dtype: str | None = None  # reference + reward model dtype in PPO; None: the model's; bfloat16: half the memory
@@ -88,12 +88,43 @@ class PPOConfig:
         require(self.estimator in ESTIMATORS, "ppo.estimator", f"{self.estimator!r} not in {tuple(ESTIMATORS)}")
         require(self.critic in CRITICS, "ppo.critic", f"{self.critic!r} not in {CRITICS}")
         require(self.critic_init in ("reward_model", "sft"), "ppo.critic_init", f"{self.critic_init!r}")
-        require(self.kl_coef >= 0, "ppo.kl_coef", f"must be >= 0, got {self.kl_coef}")
-        require(self.kl_target is None or self.kl_target > 0, "ppo.kl_target", "must be > 0 or None")
-        require(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "ppo.gamma", "gamma and lam must be in [0, 1]")
-        require(self.clip_eps > 0, "ppo.clip_eps", f"must be > 0, got {self.clip_eps}")
-        require(self.learning_rate > 0, "ppo.learning_rate", f"must be > 0, got {self.learning_rate}")
-        require(self.temperature > 0, "ppo.temperature", "must be > 0 (PPO needs a stochastic policy)")
+        # rollout
+        require_range(self.temperature, "ppo.temperature", gt=0)  # PPO needs a stochastic policy
+        require_range(self.top_k, "ppo.top_k", ge=0)  # 0: off
+        require_range(self.top_p, "ppo.top_p", gt=0, le=1)  # 0 keeps no token; 1: off
+        require_range(self.pad_token_id, "ppo.pad_token_id", ge=0)
+        for token in self.stop_token_ids:
+            require_range(token, "ppo.stop_token_ids", ge=0)
+        # a negative penalty would reward responses that never stop
+        require_range(self.missing_eos_penalty, "ppo.missing_eos_penalty", ge=0)
+        # rewards and advantages: a negative β would reward drifting from the reference
+        require_range(self.kl_coef, "ppo.kl_coef", ge=0)
+        if self.kl_target is not None:
+            require_range(self.kl_target, "ppo.kl_target", gt=0)
+        require_range(self.kl_horizon, "ppo.kl_horizon", gt=0)
+        if self.kl_target is not None:  # β ← β (1 + e · batch_size / horizon), e in [−0.2, 0.2]
+            require(self.kl_coef > 0, "ppo.kl_coef", "must be > 0 with an adaptive β (ppo.kl_target): the update "
+                    "is multiplicative, so a β that starts at 0 stays 0")
+            require(0.2 * self.batch_size < self.kl_horizon, "ppo.kl_horizon",
+                    f"must exceed 0.2 × batch_size = {0.2 * self.batch_size:g} (else one adaptive step can make "
+                    f"β <= 0), got {self.kl_horizon}")
+        require_range(self.gamma, "ppo.gamma", ge=0, le=1)
+        require_range(self.lam, "ppo.lam", ge=0, le=1)
+        # update
+        require_range(self.learning_rate, "ppo.learning_rate", gt=0, le=MAX_LEARNING_RATE)
+        if self.critic_learning_rate is not None:
+            require_range(self.critic_learning_rate, "ppo.critic_learning_rate", gt=0, le=MAX_LEARNING_RATE)
+        require_range(self.max_grad_norm, "ppo.max_grad_norm", ge=0)  # 0: off; < 0 would flip every step
+        require_range(self.clip_eps, "ppo.clip_eps", gt=0, lt=1)  # the lower clip 1 − ε must be a ratio > 0
+        if self.clip_eps_high is not None:
+            require_range(self.clip_eps_high, "ppo.clip_eps_high", gt=0)
+        if self.dual_clip is not None:  # c <= 1 would cap the loss below the unclipped one
+            require_range(self.dual_clip, "ppo.dual_clip", gt=1)
+        if self.value_clip_eps is not None:
+            require_range(self.value_clip_eps, "ppo.value_clip_eps", gt=0)
+        # a negative weight would turn a loss term into an objective to maximise
+        for name in ("vf_coef", "entropy_coef", "ptx_coef"):
+            require_range(getattr(self, name), f"ppo.{name}", ge=0)
         require(self.ref_refresh_every >= 0, "ppo.ref_refresh_every", "must be >= 0")
         require(self.frozen_dtype is None or self.frozen_dtype in DTYPES, "ppo.frozen_dtype",
                 f"{self.frozen_dtype!r} not in {DTYPES}")

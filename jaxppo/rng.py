@@ -13,6 +13,11 @@ import zlib
 
 import jax
 
+# The seeds that give distinct root keys: ``jax.random.key(seed)`` keeps a seed's low 32 bits (without
+# ``jax_enable_x64``), so ``seed`` and ``seed + 2**32`` give the same key and a negative seed the key of
+# ``seed + 2**32``. A run's seed must lie in ``[0, NUM_SEEDS)`` (``PipelineConfig`` refuses others).
+NUM_SEEDS = 2**32
+
 
 def stream_id(name: str) -> int:
     """The stream's integer: CRC-32 of its UTF-8 name, in ``[0, 2**32)``."""
@@ -27,8 +32,9 @@ def stream_key(root: jax.Array, name: str, step: int = 0) -> jax.Array:
 
 
 def stream_seed(seed: int, name: str) -> int:
-    """The NumPy seed of host-side draws of stream ``name``: ``seed · 2**32 + crc32(name)`` (distinct
-    for distinct ``(seed, name)`` with ``seed >= 0``); e.g. :func:`jaxppo.data.batch_indices`'s seed."""
-    if int(seed) < 0:
-        raise ValueError(f"stream_seed: `seed` must be >= 0, got {seed}")
+    """The NumPy seed of host-side draws of stream ``name``: ``seed · 2**32 + crc32(name)``, distinct for
+    distinct ``(seed, name)`` with ``seed`` in ``[0, NUM_SEEDS)`` (the seeds root keys tell apart, so the
+    host and device streams of two runs differ together); e.g. :func:`jaxppo.data.batch_indices`'s seed."""
+    if not 0 <= int(seed) < NUM_SEEDS:
+        raise ValueError(f"stream_seed: `seed` must be in [0, 2**32), got {seed}")
     return (int(seed) << 32) + stream_id(name)

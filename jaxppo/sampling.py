@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jaxppo.config import require
+from jaxppo.config import require, require_range
 from jaxppo.models.config import ModelConfig
 from jaxppo.models.heads import lm_logits
 from jaxppo.models.llama import KVCache, decoder_hidden
@@ -46,9 +46,10 @@ class SamplingParams:
 
     def __post_init__(self):
         require(self.max_new_tokens >= 1, "sampling.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
-        require(self.temperature >= 0, "sampling.temperature", f"must be >= 0, got {self.temperature}")
-        require(self.top_k >= 0, "sampling.top_k", f"must be >= 0, got {self.top_k}")
-        require(0 < self.top_p <= 1, "sampling.top_p", f"must be in (0, 1], got {self.top_p}")
+        require_range(self.temperature, "sampling.temperature", ge=0)  # 0: greedy
+        require_range(self.top_k, "sampling.top_k", ge=0)
+        require_range(self.top_p, "sampling.top_p", gt=0, le=1)
+        require_range(self.pad_token_id, "sampling.pad_token_id", ge=0)
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
 
 

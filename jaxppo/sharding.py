@@ -74,20 +74,30 @@ class MeshConfig:
         sizes = {name: getattr(self, name) for name in AXES}
         for name, size in sizes.items():
             require(size >= 1 or size == -1, f"mesh.{name}", f"must be >= 1 or -1 (the rest), got {size}")
-        require(sum(size == -1 for size in sizes.values()) <= 1, "mesh", "at most one axis may be -1")
+        free = [name for name, size in sizes.items() if size == -1]
+        require(len(free) <= 1, f"mesh.{free[-1]}" if free else "mesh", "at most one axis may be -1")
 
     def shape(self, num_devices: int) -> tuple[int, int, int]:
-        """The axis sizes for ``num_devices`` devices, -1 resolved; a ValueError names the field."""
-        sizes = [getattr(self, name) for name in AXES]
-        known = math.prod(s for s in sizes if s != -1)
-        if -1 in sizes:
-            require(num_devices % known == 0, "mesh",
-                    f"{num_devices} devices are not divisible by the fixed axis sizes {dict(zip(AXES, sizes))}")
-            sizes = [num_devices // known if s == -1 else s for s in sizes]
-        require(math.prod(sizes) == num_devices, "mesh",
-                f"axis sizes {dict(zip(AXES, sizes))} multiply to {math.prod(sizes)}, but there are "
+        """The axis sizes for ``num_devices`` devices, -1 resolved.
+
+        A ValueError names the axis at fault (``mesh.data`` / ``mesh.fsdp`` / ``mesh.tensor``): the first
+        whose size, times the fixed sizes before it, does not divide ``num_devices``; else, when the fixed
+        sizes multiply to fewer devices than there are and no axis is -1, ``mesh.data``. :func:`make_mesh`
+        calls it before anything runs on the devices.
+        """
+        sizes = {name: getattr(self, name) for name in AXES}
+        product = 1
+        for name, size in sizes.items():
+            if size != -1:
+                product *= size
+                require(num_devices % product == 0, f"mesh.{name}",
+                        f"axis sizes {sizes} do not divide the {num_devices} devices (the fixed axes up to "
+                        f"`{name}` multiply to {product})")
+        if -1 in sizes.values():
+            return tuple(num_devices // product if size == -1 else size for size in sizes.values())
+        require(product == num_devices, "mesh.data", f"axis sizes {sizes} multiply to {product}, but there are "
                 f"{num_devices} devices (set one axis to -1 to take the rest)")
-        return tuple(sizes)
+        return tuple(sizes.values())
 
 
 def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -98,6 +108,36 @@ def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -
     devices = list(jax.devices() if devices is None else devices)
     shape = config.shape(len(devices))
     return Mesh(np.asarray(devices).reshape(shape), AXES, axis_types=(AxisType.Auto,) * len(AXES))
+
+
+def reserve_cpu_collective_threads(environ=os.environ) -> int | None:
+    """Give XLA:CPU's thread pool enough threads that collectives between a process's own CPU devices
+    cannot starve each other; call before JAX starts its CPU backend. Returns the pool size set (None:
+    one CPU device, or already chosen through ``PJRT_NPROC``).
+
+    XLA:CPU runs a program on several local devices as one thunk executor per device, and hands
+    independent ready thunks to one shared intra-op pool, ``PJRT_NPROC`` threads (default: the
+    number of cores). A collective thunk blocks its thread until every device has reached it, and
+    collectives are only *launched* in program order, so one device can occupy every pool thread with
+    collectives that wait for a device that has no thread left to run on: a deadlock that XLA ends
+    after its 40 s rendezvous timeout by aborting the process. On a 2-core machine two small programs
+    with independent all-reduces over 2 devices deadlocked within their first calls, every time
+    (tests/test_sharding.py runs them); with 8 threads per device they never did. Idle threads cost
+    nothing: a jitted matmul on one device ran as fast with 64 pool threads as with 2 (within noise,
+    this 2-core machine, Nov 2026).
+
+    The device count comes from ``--xla_force_host_platform_device_count`` in ``XLA_FLAGS`` or
+    ``jax_num_cpu_devices``, the two ways to ask for several CPU devices.
+    """
+    if "PJRT_NPROC" in environ:
+        return None
+    flag = re.search(r"--xla_force_host_platform_device_count=(\d+)", environ.get("XLA_FLAGS", ""))
+    devices = max(int(flag.group(1)) if flag else 1, jax.config.jax_num_cpu_devices)
+    if devices <= 1:
+        return None
+    threads = max(os.cpu_count() or 1, 8 * devices)
+    environ["PJRT_NPROC"] = str(threads)
+    return threads
 
 
 def _path_name(path) -> str:

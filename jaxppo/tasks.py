@@ -144,6 +144,30 @@ class TextTaskConfig:
                           truncation=self.truncation)
 
 
+def check_tokenizer(tokenizer, vocab_size: int) -> None:
+    """Refuse a tokenizer with an id the model has no embedding row for (config field ``model.vocab_size``).
+
+    Every id the tokenizer can produce — its special tokens (BOS, EOS, PAD, UNK) first, then its whole
+    vocabulary, added tokens included — must lie in ``[0, vocab_size)``: JAX turns a gather past the
+    end of the embedding table into NaNs, not an error, so a run would otherwise fail much later.
+    """
+    require(tokenizer is not None, "pretrained",
+            "the checkpoint has no tokenizer (tokenizer.json); a text task needs one")
+    for role in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        token_id = getattr(tokenizer, f"{role}_id")
+        require(token_id is None or 0 <= token_id < vocab_size, "model.vocab_size",
+                f"the tokenizer's {role} {getattr(tokenizer, role)!r} has id {token_id}, outside the model's "
+                f"vocabulary [0, {vocab_size}): the model has no embedding row for it")
+    ids = tokenizer.backend.get_vocab(with_added_tokens=True)
+    outside = {token: i for token, i in ids.items() if not 0 <= i < vocab_size}
+    if outside:
+        token, token_id = max(outside.items(), key=lambda item: item[1])
+        raise ValueError(f"config field `model.vocab_size`: the model has {vocab_size} embedding rows but its "
+                         f"tokenizer has {len(outside)} ids outside [0, {vocab_size}) (the largest: {token!r} = "
+                         f"{token_id}); text that encodes to one would give NaN logits. Pair the model with its own "
+                         "tokenizer (or resize its embeddings).")
+
+
 def _existing(path: str, field: str) -> Path:
     if not Path(path).is_file():
         raise FileNotFoundError(f"config field `{field}`: file not found: {path}")
@@ -154,9 +178,10 @@ class TextTask:
     """Prompts from a file, the model's tokenizer, and a gold reward of the decoded response text."""
 
     def __init__(self, config: TextTaskConfig, tokenizer, *, seed: int, vocab_size: int):
+        check_tokenizer(tokenizer, vocab_size)  # before any file is read: every id below then fits the model
         self.config, self.tokenizer, self.seed = config, tokenizer, seed
         fmt = config.text_format
-        prompts = load_prompts(_existing(config.prompts, "task.prompts"), tokenizer, fmt)
+        prompts = load_prompts(_existing(config.prompts, "task.prompts"), tokenizer, fmt, vocab_size=vocab_size)
         require(len(prompts) > config.eval_prompts, "task.eval_prompts",
                 f"{config.prompts} has {len(prompts)} prompts; need more than eval_prompts={config.eval_prompts}")
         self.num_truncated_prompts = prompts.num_truncated
@@ -167,13 +192,18 @@ class TextTask:
         self._demos = None
         if config.demonstrations:
             self._demos = load_demonstrations(_existing(config.demonstrations, "task.demonstrations"),
-                                              tokenizer, fmt).as_dict()
+                                              tokenizer, fmt, vocab_size=vocab_size).as_dict()
         self._preferences = None
+        self.num_identical_preferences = 0  # file pairs / lists dropped: their responses were the same tokens
+        labelled = None
         if config.preferences:
-            self._preferences = load_preferences(_existing(config.preferences, "task.preferences"), tokenizer,
-                                                 fmt).as_dict()
+            labelled = load_preferences(_existing(config.preferences, "task.preferences"), tokenizer, fmt,
+                                        vocab_size=vocab_size)
         elif config.rankings:
-            self._preferences = load_rankings(_existing(config.rankings, "task.rankings"), tokenizer, fmt).as_dict()
+            labelled = load_rankings(_existing(config.rankings, "task.rankings"), tokenizer, fmt, vocab_size=vocab_size)
+        if labelled is not None:
+            self._preferences = labelled.as_dict()
+            self.num_identical_preferences = labelled.num_identical
         self.vocab_size = vocab_size
         eos = tokenizer.eos_token_id
         require(eos is not None, "pretrained", "the tokenizer has no EOS token to stop sampling at")

@@ -3,17 +3,36 @@ and a TensorBoard reader."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import shutil
 import struct
+import tempfile
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
+from jaxppo.sharding import reserve_cpu_collective_threads
+
 # Eight CPU devices for the mesh tests (tests/test_sharding.py); every other test runs on device 0.
 # conftest.py is imported before any test module, so this runs before JAX starts its CPU backend.
 jax.config.update("jax_num_cpu_devices", 8)
+# Enough XLA:CPU pool threads that collectives between the eight devices cannot deadlock (see
+# jaxppo.sharding.reserve_cpu_collective_threads); set in os.environ, so the multi-device subprocesses
+# the tests start (CLI runs, the distributed worker) inherit it.
+reserve_cpu_collective_threads()
+
+# One persistent compilation cache per test process (xdist worker), new each session: many tests build
+# the same programs from new closures (the tiny model's rollout and update, the SFT step), which jit's
+# in-memory cache cannot share and this cache does (by the compiled program's fingerprint). A hit
+# returns the executable XLA compiled for the same program earlier in the session.
+_COMPILATION_CACHE = tempfile.mkdtemp(prefix="jaxppo-test-jit-cache-")
+atexit.register(shutil.rmtree, _COMPILATION_CACHE, ignore_errors=True)
+jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 @pytest.fixture
@@ -52,26 +71,35 @@ def count_traces(fn, **static):
 
 
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
 
 
 @contextlib.contextmanager
 def backend_compiles():
-    """Yields a list that collects one entry per XLA compilation inside the ``with`` block.
+    """Yields a list that collects one entry per XLA executable built inside the ``with`` block:
+    compiled by XLA, or taken from the persistent compilation cache (what a recompile would have
+    been in a process without the cache).
 
-    The listener is removed on exit, even when the block raises: a leaked one would keep appending
+    The listeners are removed on exit, even when the block raises: a leaked one would keep appending
     to a dead test's list for the rest of the session.
     """
     compiles: list[str] = []
 
-    def listener(event: str, duration_secs: float, **kwargs) -> None:
+    def on_duration(event: str, duration_secs: float, **kwargs) -> None:
         if event == BACKEND_COMPILE_EVENT:
             compiles.append(event)
 
-    jax.monitoring.register_event_duration_secs_listener(listener)
+    def on_event(event: str, **kwargs) -> None:
+        if event == CACHE_HIT_EVENT:
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(on_duration)
+    jax.monitoring.register_event_listener(on_event)
     try:
         yield compiles
     finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
+        jax.monitoring.unregister_event_duration_listener(on_duration)
+        jax.monitoring.unregister_event_listener(on_event)
 
 
 def tensorboard_scalars(log_dir: str | Path) -> dict[tuple[str, int], float]:

@@ -1,4 +1,4 @@
-"""One process of the two-process test in test_sharding.py (also runs alone as its single-process reference).
+"""One process of the two-process test in e2e/test_multi_device.py (also runs alone as its single-process reference).
 
     python tests/distributed_worker.py --out FILE [--coordinator HOST:PORT --num-processes N --process-id I]
 

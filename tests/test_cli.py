@@ -58,13 +58,13 @@ def test_values_bools_none_tuples_and_exponents(pipeline):
         "ppo.kl_in_reward=false", "ppo.whiten_rewards=true", "model.remat=True",
         "reward_model.drop_ties=False",
         "ppo.value_clip_eps=None", "ppo.critic_learning_rate=None", "model.eos_token_id=2,5",
-        "ppo.learning_rate=1e-4", "ppo.kl_horizon=2.5E3", "ppo.missing_eos_penalty=-0.5",
+        "ppo.learning_rate=1e-4", "ppo.kl_horizon=2.5E3", "ppo.missing_eos_penalty=0.5",
     ])
     assert out.ppo.kl_in_reward is False and out.ppo.whiten_rewards is True and out.model.remat is True
     assert out.reward_model.drop_ties is False
     assert out.ppo.value_clip_eps is None and out.ppo.critic_learning_rate is None
     assert out.model.eos_token_id == (2, 5)
-    assert out.ppo.learning_rate == 1e-4 and out.ppo.kl_horizon == 2500.0 and out.ppo.missing_eos_penalty == -0.5
+    assert out.ppo.learning_rate == 1e-4 and out.ppo.kl_horizon == 2500.0 and out.ppo.missing_eos_penalty == 0.5
     assert apply_overrides(pipeline, ["model.eos_token_id=2"]).model.eos_token_id == 2  # int | tuple: the int
     assert apply_overrides(pipeline, ["ppo.stop_token_ids="]).ppo.stop_token_ids == ()
     assert apply_overrides(pipeline, ["ppo.stop_token_ids=7"]).ppo.stop_token_ids == (7,)

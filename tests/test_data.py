@@ -344,7 +344,8 @@ def test_check_token_ids():
 
 def test_loaders_check_ids_against_the_model_vocabulary(tmp_path, tiny):
     path = write(tmp_path / "p.jsonl", [{"prompt": "w1"}, {"prompt": "w0 w9"}])
-    with pytest.raises(DataError, match=r"p\.jsonl: token id 12 at row 1, position 4 .* \[0, 10\)"):
+    with pytest.raises(DataError, match=r"p\.jsonl:2: prompt token id 12 at position 4 is outside the model's "
+                                        r"vocabulary \[0, 10\)$"):
         load_prompts(path, tiny, PLAIN, vocab_size=10)
 
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxppo.config import require
+from jaxppo.config import require, require_range
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -27,14 +28,23 @@ class RopeScaling:
     """RoPE frequency scaling: ``linear`` (position interpolation) or Llama 3's ``llama3``."""
 
     rope_type: str  # "linear" (position interpolation) or "llama3" (Llama 3.1)
-    factor: float  # context extension: frequencies are divided by it (llama3: the low ones only)
-    low_freq_factor: float = 1.0  # llama3: wavelengths > original_max_position_embeddings / this are fully scaled
-    high_freq_factor: float = 4.0  # llama3: wavelengths < original_max_position_embeddings / this are kept
+    factor: float  # context extension, >= 1: frequencies are divided by it (llama3: the low ones only)
+    low_freq_factor: float = 1.0  # > 0; llama3: wavelengths > original_max_position_embeddings / this are fully scaled
+    high_freq_factor: float = 4.0  # > low_freq_factor; llama3: wavelengths < original_max_position_embeddings / this are kept
     original_max_position_embeddings: int = 8192  # llama3: the pre-training context length, in tokens
 
     def __post_init__(self):
-        if self.rope_type not in ("linear", "llama3"):
-            raise ValueError(f"rope scaling: `rope_type`={self.rope_type!r} is not one of {ROPE_TYPES}")
+        require(self.rope_type in ("linear", "llama3"), "model.rope_scaling.rope_type",
+                f"{self.rope_type!r} is not one of ('linear', 'llama3')")
+        # as transformers validates it: a factor < 1 would shrink the context it extends
+        require_range(self.factor, "model.rope_scaling.factor", ge=1)
+        require_range(self.low_freq_factor, "model.rope_scaling.low_freq_factor", gt=0)
+        require_range(self.high_freq_factor, "model.rope_scaling.high_freq_factor", gt=0)
+        # llama3 interpolates between the two: equal factors divide by zero
+        require(self.high_freq_factor > self.low_freq_factor, "model.rope_scaling.high_freq_factor",
+                f"must be > low_freq_factor={self.low_freq_factor}, got {self.high_freq_factor}")
+        require_range(self.original_max_position_embeddings, "model.rope_scaling.original_max_position_embeddings",
+                      ge=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,8 +64,8 @@ class ModelConfig:
     num_heads: int  # query heads per layer
     num_kv_heads: int  # key/value heads (grouped-query attention); must divide num_heads
     head_dim: int  # width of one attention head; even (RoPE rotates pairs)
-    rms_norm_eps: float = 1e-5  # ε added to the mean square in RMSNorm
-    rope_theta: float = 10_000.0  # RoPE base θ: frequencies θ^(−2i / head_dim)
+    rms_norm_eps: float = 1e-5  # ε > 0 added to the mean square in RMSNorm
+    rope_theta: float = 10_000.0  # RoPE base θ > 0: frequencies θ^(−2i / head_dim)
     rope_scaling: RopeScaling | None = None  # None: plain RoPE; else its frequency scaling
     max_position_embeddings: int = 2048  # context length: the longest prompt + response, in tokens
     tie_word_embeddings: bool = False  # the LM head reuses the embedding matrix
@@ -76,6 +86,9 @@ class ModelConfig:
         require(self.num_heads % self.num_kv_heads == 0, "model.num_kv_heads",
              f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
         require(self.head_dim % 2 == 0, "model.head_dim", f"must be even for RoPE, got {self.head_dim}")
+        require_range(self.max_position_embeddings, "model.max_position_embeddings", ge=1)
+        require_range(self.rms_norm_eps, "model.rms_norm_eps", gt=0)  # 0 divides a zero vector by 0
+        require_range(self.rope_theta, "model.rope_theta", gt=0)  # θ <= 0 has no real θ^(−2i / head_dim)
         require(self.architecture in SUPPORTED_ARCHITECTURES.values(), "model.architecture",
              f"{self.architecture!r} is not one of {sorted(SUPPORTED_ARCHITECTURES.values())}")
         require(self.param_dtype in DTYPES, "model.param_dtype", f"{self.param_dtype!r} is not one of {DTYPES}")
@@ -129,8 +142,17 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, hf: dict[str, Any], *, source: str = "config.json", **overrides) -> "ModelConfig":
-        """Builds the config from a Hugging Face ``config.json`` dict (transformers 4 or 5 style)."""
+        """Builds the config from a Hugging Face ``config.json`` dict (transformers 4 or 5 style).
+
+        A missing key, a value of the wrong type or out of range raises ``ValueError`` naming ``source``
+        and the key (as written in ``config.json``) before anything is built.
+        """
+        if not isinstance(hf, dict):
+            raise ValueError(f"{source}: expected a JSON object, got {type(hf).__name__}")  # noqa: TRY004 (a bad file)
         archs = hf.get("architectures") or []
+        if not isinstance(archs, list):
+            raise ValueError(  # noqa: TRY004 (a bad file, like every error here)
+                f"{source}: key `architectures` must be a list of class names, got {archs!r}")
         arch = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None)
         if arch is None and hf.get("model_type") in SUPPORTED_ARCHITECTURES.values():
             arch = hf["model_type"]
@@ -144,40 +166,70 @@ class ModelConfig:
             raise ValueError(f"{source}: `mlp_bias`=true is not supported")
         if arch == "qwen2" and hf.get("use_sliding_window"):
             raise ValueError(f"{source}: Qwen2 sliding-window attention is not supported")
+        for key in ("rope_parameters", "rope_scaling"):
+            if not isinstance(hf.get(key) or {}, dict):
+                raise ValueError(f"{source}: key `{key}` must be an object, got {hf[key]!r}")  # noqa: TRY004
         rope = dict(hf.get("rope_parameters") or {})
         legacy = hf.get("rope_scaling") or {}
-        rope_theta = rope.get("rope_theta", hf.get("rope_theta", 10_000.0))
+        if rope.get("rope_theta") is not None:
+            rope_theta = _hf_field(rope, "rope_theta", "number", source=source, prefix="rope_parameters.")
+        else:
+            rope_theta = _hf_field(hf, "rope_theta", "number", source=source, default=10_000.0)
         params = rope if rope.get("rope_type", "default") != "default" else dict(legacy)
         rope_type = params.get("rope_type", params.get("type", "default"))
         if rope_type not in ROPE_TYPES:
             raise ValueError(f"{source}: rope type {rope_type!r} is not one of {ROPE_TYPES}")
         rope_scaling = None
         if rope_type != "default":
-            fields = {f.name for f in dataclasses.fields(RopeScaling)} - {"rope_type"}
-            rope_scaling = RopeScaling(rope_type=rope_type, **{k: v for k, v in params.items() if k in fields})
-        num_heads = hf["num_attention_heads"]
+            prefix = "rope_parameters." if params is rope else "rope_scaling."
+            kinds = {"factor": "number", "low_freq_factor": "number", "high_freq_factor": "number",
+                     "original_max_position_embeddings": "int"}
+            scaling = {k: _hf_field(params, k, kind, source=source, prefix=prefix)
+                       for k, kind in kinds.items() if params.get(k) is not None}
+            if "factor" not in scaling:
+                raise ValueError(f"{source}: missing key `{prefix}factor` (rope type {rope_type!r})")
+            rope_scaling = (rope_type, scaling)
+        num_heads = _hf_field(hf, "num_attention_heads", "int", source=source)
+        hidden_size = _hf_field(hf, "hidden_size", "int", source=source)
+        num_kv_heads = _hf_field(hf, "num_key_value_heads", "int", source=source, default=num_heads)
+        if num_heads % num_kv_heads:
+            raise ValueError(f"{source}: key `num_attention_heads`={num_heads} must be a multiple of "
+                             f"`num_key_value_heads`={num_kv_heads}")
+        head_dim = _hf_field(hf, "head_dim", "int", source=source, default=hidden_size // num_heads)
+        if head_dim < 1 or head_dim % 2:
+            named = "`head_dim`" if hf.get("head_dim") is not None else "`hidden_size` // `num_attention_heads`"
+            raise ValueError(f"{source}: {named} = {head_dim}; a head's width must be even and >= 2 (RoPE)")
         eos = hf.get("eos_token_id")
+        if isinstance(eos, list):
+            eos = tuple(_hf_field({"eos_token_id": e}, "eos_token_id", "id", source=source) for e in eos)
+        else:
+            eos = _hf_field(hf, "eos_token_id", "id", source=source, default=None)
         kwargs = dict(
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            num_layers=hf["num_hidden_layers"],
+            vocab_size=_hf_field(hf, "vocab_size", "int", source=source),
+            hidden_size=hidden_size,
+            intermediate_size=_hf_field(hf, "intermediate_size", "int", source=source),
+            num_layers=_hf_field(hf, "num_hidden_layers", "int", source=source),
             num_heads=num_heads,
-            num_kv_heads=hf.get("num_key_value_heads") or num_heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            rms_norm_eps=_hf_field(hf, "rms_norm_eps", "number", source=source, default=1e-6),
             rope_theta=float(rope_theta),
-            rope_scaling=rope_scaling,
-            max_position_embeddings=hf.get("max_position_embeddings", 2048),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            attention_bias=True if arch == "qwen2" else bool(hf.get("attention_bias", False)),
+            max_position_embeddings=_hf_field(hf, "max_position_embeddings", "int", source=source, default=2048),
+            tie_word_embeddings=_hf_field(hf, "tie_word_embeddings", "bool", source=source, default=False),
+            attention_bias=True if arch == "qwen2" else _hf_field(hf, "attention_bias", "bool", source=source,
+                                                                  default=False),
             architecture=arch,
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
-            pad_token_id=hf.get("pad_token_id"),
+            bos_token_id=_hf_field(hf, "bos_token_id", "id", source=source, default=None),
+            eos_token_id=eos,
+            pad_token_id=_hf_field(hf, "pad_token_id", "id", source=source, default=None),
         )
         kwargs.update(overrides)
-        return cls(**kwargs)
+        try:  # what ModelConfig / RopeScaling still refuse: named with the file
+            if rope_scaling is not None:
+                rope_scaling = RopeScaling(rope_type=rope_scaling[0], **rope_scaling[1])
+            return cls(rope_scaling=rope_scaling, **kwargs)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
 
     def to_hf_dict(self) -> dict[str, Any]:
         """A ``config.json`` dict that transformers' ``AutoConfig`` reads back to this architecture."""
@@ -233,3 +285,31 @@ def cast_params(params, dtype: str | None):
         return x.astype(target) if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != target else x
 
     return jax.tree.map(cast, params)
+
+
+# ------------------------------------------------------------------------------------------------
+# Hugging Face config.json fields
+# ------------------------------------------------------------------------------------------------
+
+_REQUIRED = object()
+_HF_KINDS = {  # kind -> (test, what the message says it must be, Python type of the value returned)
+    "int": (lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1, "an integer >= 1", int),
+    "number": (lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and v > 0,
+               "a finite number > 0", float),
+    "bool": (lambda v: isinstance(v, (bool, np.bool_)), "true or false", bool),
+    "id": (lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool), "an integer token id", int),
+}
+
+
+def _hf_field(hf: dict, key: str, kind: str, *, source: str, default: Any = _REQUIRED, prefix: str = "") -> Any:
+    """``hf[key]`` if it is of ``kind`` (a key of ``_HF_KINDS``), ``default`` when absent or null;
+    otherwise ``ValueError`` naming ``source`` and the key (``prefix`` + ``key``, as in config.json)."""
+    value = hf.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise ValueError(f"{source}: missing key `{prefix}{key}`")
+        return default
+    test, expected, python_type = _HF_KINDS[kind]
+    if not test(value):
+        raise ValueError(f"{source}: key `{prefix}{key}` must be {expected}, got {value!r}")
+    return python_type(value)

@@ -1,9 +1,10 @@
 """The frozen run context every stage receives, and the host helpers the stages share.
 
 :func:`open_run` builds a :class:`RunContext` for one run directory: it loads the pretrained model
-(if any), builds the task, resolves the config (stop/pad tokens from the task), refuses a run
-directory started with another config, rewinds ``metrics.jsonl`` to the checkpoint a resumed run
-restarts from, and writes ``config.json`` — the config that runs is the config that is saved.
+(if any), builds the task, resolves the config (stop/pad tokens from the task), locks the directory
+(one process per run), refuses a directory whose run started with another config, rewinds
+``metrics.jsonl`` to the checkpoint a resumed run restarts from, and writes ``config.json`` — the
+config that runs is the config that is saved.
 
 Everything random derives from ``config.seed`` by a named stream (:func:`jaxppo.rng.stream_key`)
 and the step, and every batch is a pure function of the step, so a run restored from a checkpoint
@@ -14,8 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import functools
 import json
+import logging
+import os
+import socket
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -26,6 +32,7 @@ from jax.sharding import Mesh
 
 from jaxppo.checkpoint import CheckpointError, StageCheckpoints, config_diff
 from jaxppo.config import to_json
+from jaxppo.errors import InputError
 from jaxppo.logging import NullLogger, RunLogger, rewind_metrics
 from jaxppo.models.config import ModelConfig
 from jaxppo.pipeline_config import PipelineConfig
@@ -41,6 +48,8 @@ CHECKPOINTED = (*STAGES, "preference_data")
 METRIC_STAGES = {"sft": "sft", "reward_model": "reward_model", "reward_model_eval": "reward_model",
                  "ppo": "ppo", "reward_model_online": "ppo", "eval": "ppo"}
 STEP_LOG_EVERY = 50  # SFT / reward-model steps between metric rows
+LOCK_FILE = ".lock"  # in the run directory: held (flock) by the process that runs it
+_log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,19 +190,69 @@ def load_model(config: PipelineConfig):
     from jaxppo.weights.hf import load_pretrained
 
     m = config.model
-    loaded, params, tokenizer = load_pretrained(config.pretrained, param_dtype=m.param_dtype, dtype=m.dtype,
-                                                remat=m.remat, remat_policy=m.remat_policy)
+    try:
+        loaded, params, tokenizer = load_pretrained(config.pretrained, param_dtype=m.param_dtype, dtype=m.dtype,
+                                                    remat=m.remat, remat_policy=m.remat_policy)
+    except ValueError as e:  # a malformed weights / config / tokenizer file: the message names it
+        raise InputError(str(e)) from e
     for field in dataclasses.fields(m):
         if getattr(loaded, field.name) != getattr(m, field.name):
-            raise ValueError(f"config field `model.{field.name}`: {getattr(m, field.name)!r} does not match the "
+            raise InputError(f"config field `model.{field.name}`: {getattr(m, field.name)!r} does not match the "
                              f"pretrained checkpoint {config.pretrained} ({getattr(loaded, field.name)!r})")
     return params, tokenizer
 
 
+class RunDirInUse(InputError):
+    """Another live process holds the run directory's lock."""
+
+
+@contextlib.contextmanager
+def lock_run_dir(run_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``run_dir`` (created if missing) for the ``with`` block.
+
+    A second process on the same directory stops at once with :class:`RunDirInUse`, naming the
+    process that holds it. The lock is ``flock`` on ``run_dir/.lock``: the kernel drops it when its
+    holder exits however it exits (``kill -9`` included), so a lock left by a dead process never
+    blocks a resume. One process per run takes it: process 0 of a multi-process run.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK_FILE
+    f = open(path, "a+", encoding="utf-8")  # noqa: SIM115  (held for the block)
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise RunDirInUse(f"{run_dir}: in use by {holder}; one process per run directory (stop it, or "
+                              f"use another --run-dir)") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"process {os.getpid()} on {socket.gethostname()} (since "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+        f.flush()
+        yield
+    finally:
+        f.close()  # closing the file releases the lock
+
+
+def _started(run_dir: Path) -> bool:
+    """Whether an earlier run in ``run_dir`` got as far as a metrics row or a checkpoint."""
+    metrics = run_dir / "metrics.jsonl"
+    checkpoints = run_dir / "checkpoints"
+    return ((metrics.exists() and metrics.stat().st_size > 0)
+            or (checkpoints.is_dir() and any(p.is_dir() for stage in checkpoints.iterdir() if stage.is_dir()
+                                             for p in stage.iterdir())))
+
+
 def _check_run_config(run_dir: Path, config: dict) -> None:
-    """A run directory belongs to one config: refuse to resume it with another (names the fields)."""
+    """A run directory belongs to one config: refuse to resume it with another (names the fields).
+
+    Only once an earlier run started (logged a row or saved a checkpoint): a run that stopped before
+    that, on a bad input say, does not tie the directory to its config.
+    """
     path = run_dir / "config.json"
-    if not path.exists():
+    if not path.exists() or not _started(run_dir):
         return
     try:
         saved = json.loads(path.read_text())
@@ -233,6 +292,17 @@ def _rewind(run_dir: Path, checkpoints: Mapping[str, StageCheckpoints]) -> None:
     rewind_metrics(run_dir / "metrics.jsonl", keep)
 
 
+def _check_metrics_file(run_dir: Path, checkpoints: Mapping[str, StageCheckpoints]) -> None:
+    """Warn when a run resumes from checkpoints but its ``metrics.jsonl`` is gone: the run goes on and
+    finishes; the rows logged before the checkpoint are lost (plots and summaries show only the rest)."""
+    if (run_dir / "metrics.jsonl").exists():
+        return
+    resumed = [f"{stage}/{step}" for stage, ckpt in checkpoints.items() if (step := ckpt.latest_step()) is not None]
+    if resumed:
+        _log.warning(f"{run_dir / 'metrics.jsonl'}: missing, but the run resumes from checkpoints "
+                     f"({', '.join(resumed)}); the metrics logged before them are lost, the run goes on")
+
+
 @contextlib.contextmanager
 def open_run(config: PipelineConfig, run_dir: str | Path) -> Iterator[tuple[RunContext, dict | None]]:
     """``(context, pretrained params or None)`` for a run in ``run_dir``, under the run's mesh.
@@ -253,17 +323,20 @@ def open_run(config: PipelineConfig, run_dir: str | Path) -> Iterator[tuple[RunC
         task = ToyTask(config.task, functools.partial(stream_key, root_key))
     config = config.resolved(stop_token_ids=task.stop_token_ids, pad_token_id=task.pad_token_id)
     as_json = to_json(config)
-    _check_run_config(run_dir, as_json)
-    checkpoints = {}
-    if config.checkpoint.enabled:
-        checkpoints = {name: StageCheckpoints(run_dir / "checkpoints" / name, keep=config.checkpoint.keep,
-                                              config=as_json) for name in CHECKPOINTED}
-        if main:
-            _rewind(run_dir, checkpoints)
-    logger = RunLogger(run_dir, echo=None, wandb_project=config.wandb_project or None,
-                       wandb_config=as_json) if main else NullLogger()
-    with logger, jax.set_mesh(mesh):
-        logger.write_json("config.json", as_json)
-        if base_params is not None:
-            base_params = shard_tree(base_params, mesh)
-        yield RunContext(config, mesh, root_key, logger, task, checkpoints), base_params
+    with lock_run_dir(run_dir) if main else contextlib.nullcontext():
+        _check_run_config(run_dir, as_json)
+        checkpoints = {}
+        if config.checkpoint.enabled:
+            checkpoints = {name: StageCheckpoints(run_dir / "checkpoints" / name, keep=config.checkpoint.keep,
+                                                  config=as_json) for name in CHECKPOINTED}
+            if main:
+                _check_metrics_file(run_dir, checkpoints)
+                _rewind(run_dir, checkpoints)
+        logger = RunLogger(run_dir, echo=None, wandb_project=config.wandb_project or None,
+                           wandb_config=as_json) if main else NullLogger()
+        with logger, jax.set_mesh(mesh):
+            # written once every input has loaded and checked: the run is known to start
+            logger.write_json("config.json", as_json)
+            if base_params is not None:
+                base_params = shard_tree(base_params, mesh)
+            yield RunContext(config, mesh, root_key, logger, task, checkpoints), base_params

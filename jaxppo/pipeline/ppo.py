@@ -5,20 +5,29 @@ Each call runs up to ``ppo.iterations_per_call`` iterations in one XLA program (
 work: a checkpoint, a refresh); metrics reach the host in one transfer per call, and only when an
 iteration in it logs (with the samples, for a task whose gold reward reads decoded text; the
 embedded task's gold reward is computed inside the program).
+
+Updates skipped as non-finite (:func:`jaxppo.optim.skip_nonfinite_steps`) are checked at those
+transfers: the skip counts of calls that log nothing come with the next one that does. An
+iteration whose updates were all skipped logs a warning; a role that skipped every update stops
+the stage (:func:`jaxppo.optim.check_updates_applied`).
 """
 
 from __future__ import annotations
+
+import logging
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxppo.optim import check_updates_applied, skipped_updates
 from jaxppo.pipeline.context import RunContext, resume, save
 from jaxppo.pipeline.reward import RewardModel, refresh_reward_model
 from jaxppo.ppo import frozen_params, init_ppo, make_iteration
 from jaxppo.sharding import shard_batch, to_host
 
 SAMPLE_KEYS = ("prompt", "prompt_mask", "response", "response_mask")
+_log = logging.getLogger(__name__)
 
 
 def iterations_in_call(it: int, *, iterations: int, per_call: int, host_every: tuple[int, ...]) -> int:
@@ -29,6 +38,23 @@ def iterations_in_call(it: int, *, iterations: int, per_call: int, host_every: t
         if every > 0:
             stop = min(stop, (it // every + 1) * every)
     return max(1, min(per_call, stop - it))
+
+
+def warn_skipped_iterations(calls: list, skipped: dict, *, updates: int) -> dict:
+    """Logs a warning for each iteration in which a role skipped all ``updates`` of its updates.
+
+    ``calls``: ``(first iteration, {role: [K] cumulative skip counts after each iteration})`` in
+    order, host arrays of the ``*_skipped_updates`` metrics; ``skipped``: each role's count before
+    them. Returns the counts after them.
+    """
+    for first, counts in calls:
+        for role, cumulative in counts.items():
+            per_iteration = np.diff(np.asarray(cumulative), prepend=skipped[role])
+            for j in np.flatnonzero(per_iteration == updates):
+                _log.warning(f"ppo iteration {first + j}: all {updates} {role} updates skipped as non-finite "
+                             f"(NaN/inf gradients, updates or params); the {role} did not change")
+            skipped = {**skipped, role: int(cumulative[-1])}
+    return skipped
 
 
 def _stacked(batches: list):
@@ -59,6 +85,13 @@ def ppo_stage(ctx: RunContext, sft_params: dict, reward: RewardModel) -> tuple[d
                                      train={k: np.asarray(v) for k, v in items["rm_data"].items()})
             frozen = frozen.replace(reward=frozen_params(reward.params, ctx.mesh, dtype=ppo.frozen_dtype))
     iterate = make_iteration(c.model, ppo, reward_pooling=c.reward_model.pooling, gold_fn=ctx.task.gold_fn)
+    roles = {"actor": ("ppo.learning_rate", ppo.learning_rate)}
+    if state.critic is not None:
+        roles["critic"] = ("ppo.critic_learning_rate" if ppo.critic_learning_rate else "ppo.learning_rate",
+                           ppo.critic_learning_rate or ppo.learning_rate)
+    # skip counts, checked per iteration at the host syncs of logged calls (the last call logs)
+    skipped = jax.device_get({role: skipped_updates(getattr(state, role)) for role in roles})
+    unchecked = []  # (first iteration, {role: cumulative skip counts [K]}) of calls since the last check
     bar = ctx.logger.progress(ppo.iterations - start, desc="PPO")
     it = start
     while it < ppo.iterations:
@@ -75,9 +108,12 @@ def ppo_stage(ctx: RunContext, sft_params: dict, reward: RewardModel) -> tuple[d
         state, samples, metrics = iterate(
             state, frozen, *_stacked(prompts), jnp.stack([ctx.key("ppo-sample", it + j) for j in range(k)]),
             jnp.stack([ctx.key("ppo-update", it + j) for j in range(k)]), ptx)
+        unchecked.append((it, {role: metrics[f"{role}_skipped_updates"] for role in roles}))
         logged = [j for j in range(k) if (it + j) % c.log_every == 0 or it + j == ppo.iterations - 1]
         if logged:
-            metrics = jax.device_get(metrics)  # the host sync of the call
+            metrics, unchecked = jax.device_get((metrics, unchecked))  # the host sync of the call
+            skipped = warn_skipped_iterations(unchecked, skipped, updates=ppo.epochs * ppo.minibatches)
+            unchecked = []
             if ctx.task.gold_fn is None:  # a gold reward of decoded text: the samples come to the host too
                 samples = jax.tree.map(to_host, samples)
         for j in logged:
@@ -91,6 +127,10 @@ def ppo_stage(ctx: RunContext, sft_params: dict, reward: RewardModel) -> tuple[d
         if refresh and it % ppo.ref_refresh_every == 0:
             frozen = frozen.replace(reference=frozen_params(state.actor.params, ctx.mesh, dtype=ppo.frozen_dtype))
         done = it == ppo.iterations
+        if done:  # before the checkpoint that marks the stage done
+            for role, (field, lr) in roles.items():
+                check_updates_applied(getattr(state, role), stage=f"ppo ({role})", learning_rate_field=field,
+                                      learning_rate=lr)
         if it % c.checkpoint.every_iterations == 0 or done:
             save(ctx, "ppo", it, checkpoint_items(state, frozen, reward), {"done": done})
     bar.close()

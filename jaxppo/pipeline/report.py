@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 import jax
@@ -9,6 +10,18 @@ import jax
 from jaxppo.pipeline.context import RunContext
 from jaxppo.sharding import to_host
 from jaxppo.tasks import TextTask
+
+_log = logging.getLogger(__name__)
+
+
+def _plot(logger, stage: str, keys: list[str], **kwargs) -> None:
+    """A plot never fails a run: a figure that cannot be drawn (no rows of the stage after a resume
+    that lost ``metrics.jsonl``, a matplotlib error) is a one-line warning; the metrics stay in
+    ``metrics.jsonl`` and TensorBoard."""
+    try:
+        logger.plot(stage, keys, **kwargs)
+    except Exception as e:  # noqa: BLE001  (any plotting failure)
+        _log.warning(f"{kwargs['filename']}: not drawn ({type(e).__name__}: {e})")
 
 
 def write_summary(ctx: RunContext, *, sft_eval: dict, final_eval: dict, reward_result: dict, final_params: dict,
@@ -40,12 +53,12 @@ def write_summary(ctx: RunContext, *, sft_eval: dict, final_eval: dict, reward_r
         if jax.process_index() == 0:
             summary["actor_hf"] = str(save_pretrained(logger.run_dir / "actor_hf", c.model, host_params,
                                                       ctx.task.tokenizer))
-    logger.plot("ppo", ["gold_reward", "proxy_reward", "kl"], filename="ppo.png",
-                title="PPO: gold vs proxy reward and KL to the reference")
+    _plot(logger, "ppo", ["gold_reward", "proxy_reward", "kl"], filename="ppo.png",
+          title="PPO: gold vs proxy reward and KL to the reference")
     if c.sft.steps:
-        logger.plot("sft", ["loss"], filename="sft.png", title="SFT: NLL of demonstration tokens")
-    logger.plot("reward_model", ["loss", "accuracy"], filename="reward_model.png",
-                title="Reward model: training loss and pairwise accuracy")
+        _plot(logger, "sft", ["loss"], filename="sft.png", title="SFT: NLL of demonstration tokens")
+    _plot(logger, "reward_model", ["loss", "accuracy"], filename="reward_model.png",
+          title="Reward model: training loss and pairwise accuracy")
     summary["wall_seconds"] = time.perf_counter() - start_time
     logger.write_json("summary.json", summary)
     return summary

@@ -4,6 +4,7 @@ the online refreshes of iterated RLHF (Bai et al. 2022, §4.5) that the PPO stag
 from __future__ import annotations
 
 import functools
+import logging
 from typing import NamedTuple
 
 import jax
@@ -13,7 +14,7 @@ from jaxppo import preferences
 from jaxppo.data import batch_indices
 from jaxppo.models.config import ModelConfig
 from jaxppo.models.heads import init_params, init_scalar_head
-from jaxppo.optim import create_train_state, make_optimizer
+from jaxppo.optim import check_updates_applied, create_train_state, make_optimizer, skipped_updates
 from jaxppo.pipeline.context import RunContext, fit, is_done, sample, save, score
 from jaxppo.pipeline_config import RewardModelConfig
 from jaxppo.ppo import frozen_params
@@ -24,6 +25,8 @@ from jaxppo.reward_model import (
 )
 from jaxppo.rng import stream_seed
 from jaxppo.sharding import init_sharded, shard_batch, shard_tree, to_host
+
+_log = logging.getLogger(__name__)
 
 
 class RewardModel(NamedTuple):
@@ -135,6 +138,12 @@ def _features(ctx: RunContext, params: dict, data: dict) -> dict:
     return jax.tree.map(lambda *xs: np.concatenate(xs)[:n], *out)
 
 
+def _stage_lr(rm: RewardModelConfig) -> dict:
+    """The stage and learning rate an error about non-finite updates names."""
+    return {"stage": "reward_model", "learning_rate_field": "reward_model.learning_rate",
+            "learning_rate": rm.learning_rate}
+
+
 def _fit_probe(ctx: RunContext, state, train: dict):
     """``train_trunk=False``: the head trains on standardised trunk features computed once
     (:func:`jaxppo.reward_model.fit_probe`; same steps, batches and optimizer as the head-only step),
@@ -147,6 +156,7 @@ def _fit_probe(ctx: RunContext, state, train: dict):
     rows = np.stack([batch_at(i) for i in range(rm.steps)])
     head, metrics = fit_probe(create_train_state(head, state.tx), standard, rows, objective=rm.objective,
                               use_margin=rm.use_margin)
+    check_updates_applied(head, **_stage_lr(rm))
     ctx.logger.log("reward_model", rm.steps, jax.device_get(metrics))
     trained = shard_tree({"reward_head": head_on_raw(to_host_tree(head.params), mu, sigma)}, ctx.mesh)
     return state.replace(step=head.step, params={**state.params, **trained})
@@ -191,6 +201,7 @@ def reward_model_stage(ctx: RunContext, sft_params: dict) -> RewardModel:
         batch_at = _batches(ctx, "rm-batches", n_train)
         state, _, _ = fit(ctx, "reward_model", state, fns.step, lambda i: preferences.rows(train, batch_at(i)),
                           rm.steps)
+        check_updates_applied(state, **_stage_lr(rm))
     else:
         state = _fit_probe(ctx, state, train)
     eval_metrics = jax.device_get(fns.evaluate(state.params, shard_batch(held_out, ctx.mesh)))
@@ -217,7 +228,8 @@ def refresh_reward_model(ctx: RunContext, it: int, policy_params: dict, reward: 
     new = preferences.usable(labelled_samples(ctx, policy_params, prompt, prompt_mask, "rm-online", it))
     labels = {k: new.pop(k) for k in preferences.GOLD_LABELS if k in new}
     state = reward.state
-    before = jax.device_get(fns.evaluate(state.params, shard_batch(new, ctx.mesh)))
+    before, skipped_before = jax.device_get((fns.evaluate(state.params, shard_batch(new, ctx.mesh)),
+                                             skipped_updates(state)))
     metrics = {"pre_accuracy": float(before["accuracy"]), "pre_loss": float(before["loss"]),
                **{f"pre_{k}": v for k, v in gold_accuracy(ctx, state.params, new, labels).items()},
                "new_pairs": new["prompt"].shape[0]}
@@ -228,6 +240,9 @@ def refresh_reward_model(ctx: RunContext, it: int, policy_params: dict, reward: 
         rows = batch_at(it * rm.online_steps + i)
         state, step_metrics = fns.step(state, shard_batch(preferences.rows(train, rows), ctx.mesh))
     step_metrics = jax.device_get(step_metrics)
+    if step_metrics["skipped_updates"] - skipped_before == rm.online_steps:
+        _log.warning(f"reward_model_online at PPO iteration {it}: all {rm.online_steps} updates skipped as "
+                     f"non-finite; the reward model is unchanged")
     metrics.update(num_train=n, loss=float(step_metrics["loss"]), accuracy=float(step_metrics["accuracy"]))
     ctx.logger.log("reward_model_online", it, metrics)
     return reward._replace(params=normalized(ctx, state.params, reward.norm_samples), state=state, train=train)

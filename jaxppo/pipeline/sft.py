@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 
 from jaxppo.models.heads import init_params
-from jaxppo.optim import create_train_state, make_optimizer
+from jaxppo.optim import check_updates_applied, create_train_state, make_optimizer
 from jaxppo.pipeline.context import RunContext, fit, save
 from jaxppo.sft import make_sft_step
 from jaxppo.sharding import init_sharded
@@ -26,5 +26,7 @@ def sft_stage(ctx: RunContext, base_params: dict | None) -> dict:
     state, done, _ = fit(ctx, "sft", state, step, lambda i: ctx.task.demonstrations("sft", i, c.sft.batch_size),
                          c.sft.steps)
     if done is None:
+        check_updates_applied(state, stage="sft", learning_rate_field="sft.learning_rate",
+                              learning_rate=c.sft.learning_rate)
         save(ctx, "sft", c.sft.steps, {"state": state}, {"done": True})
     return state.params

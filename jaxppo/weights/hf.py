@@ -134,15 +134,48 @@ def hf_from_params(config: ModelConfig, params: Mapping) -> dict[str, np.ndarray
 # ------------------------------------------------------------------------------------------------
 
 
+def _read_json_file(path: pathlib.Path) -> dict:
+    """The JSON object in ``path``; ``ValueError`` naming the file (and line) for anything else."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 ({e})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    except RecursionError:
+        raise ValueError(f"{path}: JSON nested too deeply to read") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")  # noqa: TRY004 (a bad file)
+    return data
+
+
+def _shard_files(index: pathlib.Path) -> list[str]:
+    """The shard file names of a ``model.safetensors.index.json``."""
+    weight_map = _read_json_file(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index}: key `weight_map` must be a non-empty object of tensor name -> file name, "
+                         f"got {type(weight_map).__name__}")
+    for tensor, file in weight_map.items():
+        if not isinstance(file, str) or pathlib.PurePath(file).name != file:
+            raise ValueError(f"{index}: key `weight_map.{tensor}` must be a file name in the same directory, "
+                             f"got {file!r}")
+        if not (index.parent / file).is_file():
+            raise FileNotFoundError(f"{index}: key `weight_map.{tensor}` names {file}, which is not in "
+                                    f"{index.parent}")
+    return sorted(set(weight_map.values()))
+
+
 def read_safetensors(directory: pathlib.Path) -> dict[str, np.ndarray]:
-    """All tensors of ``model.safetensors`` or of a sharded ``model.safetensors.index.json``."""
-    from safetensors import safe_open
+    """All tensors of ``model.safetensors`` or of a sharded ``model.safetensors.index.json``.
+
+    A malformed index or an unreadable safetensors file raises ``ValueError`` naming the file.
+    """
+    from safetensors import SafetensorError, safe_open
 
     index = directory / "model.safetensors.index.json"
     single = directory / "model.safetensors"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted(set(weight_map.values()))
+        files = _shard_files(index)
     elif single.is_file():
         files = [single.name]
     else:
@@ -152,10 +185,15 @@ def read_safetensors(directory: pathlib.Path) -> dict[str, np.ndarray]:
         raise FileNotFoundError(f"{directory}: no model.safetensors or model.safetensors.index.json")
     tensors = {}
     for name in files:
-        # framework="flax" reads bf16 as well; arrays land on the host through numpy.
-        with safe_open(directory / name, framework="flax") as f:
-            for key in f.keys():
-                tensors[key] = np.asarray(f.get_tensor(key))
+        key = None
+        try:
+            # framework="flax" reads bf16 as well; arrays land on the host through numpy.
+            with safe_open(directory / name, framework="flax") as f:
+                for key in f.keys():
+                    tensors[key] = np.asarray(f.get_tensor(key))
+        except (SafetensorError, OSError, ValueError, TypeError) as e:
+            at = f" (tensor {key!r})" if key is not None else ""
+            raise ValueError(f"{directory / name}: not a readable safetensors file{at}: {e}") from None
     return tensors
 
 
@@ -178,11 +216,7 @@ def read_model_config(path: str | os.PathLike, **config_overrides) -> ModelConfi
     config_file = path / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{path}: neither a .gguf file nor a directory with config.json")
-    try:
-        hf_config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config_file}: invalid JSON at line {e.lineno}: {e.msg}") from None
-    return ModelConfig.from_hf_dict(hf_config, source=str(config_file), **config_overrides)
+    return ModelConfig.from_hf_dict(_read_json_file(config_file), source=str(config_file), **config_overrides)
 
 
 def load_pretrained(path: str | os.PathLike, **config_overrides):
@@ -204,11 +238,7 @@ def load_pretrained(path: str | os.PathLike, **config_overrides):
     config_file = path / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{path}: no config.json")
-    try:
-        hf_config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config_file}: invalid JSON at line {e.lineno}: {e.msg}") from None
-    config = ModelConfig.from_hf_dict(hf_config, source=str(config_file), **config_overrides)
+    config = ModelConfig.from_hf_dict(_read_json_file(config_file), source=str(config_file), **config_overrides)
     params = params_from_hf(config, read_safetensors(path), source=str(path))
     tokenizer = None
     if (path / "tokenizer.json").is_file():

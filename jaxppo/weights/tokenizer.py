@@ -290,12 +290,21 @@ class Tokenizer:
         tokenizer_json = directory / "tokenizer.json"
         if not tokenizer_json.is_file():
             raise FileNotFoundError(f"no tokenizer.json in {directory}")
-        backend = _BackendTokenizer.from_file(str(tokenizer_json))
+        try:
+            backend = _BackendTokenizer.from_file(str(tokenizer_json))
+        except Exception as e:  # noqa: BLE001 (tokenizers raises a bare Exception for a malformed file)
+            raise ValueError(f"{tokenizer_json}: not a readable tokenizer ({e})") from None
         config: dict[str, Any] = {}
         for name in ("special_tokens_map.json", "tokenizer_config.json"):  # later file wins
             file = directory / name
             if file.is_file():
-                config.update(json.loads(file.read_text(encoding="utf-8")))
+                try:
+                    values = json.loads(file.read_text(encoding="utf-8"))
+                except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+                    raise ValueError(f"{file}: not a readable JSON file ({e})") from None
+                if not isinstance(values, dict):
+                    raise ValueError(f"{file}: expected a JSON object, got {type(values).__name__}")
+                config.update(values)
         chat_template = config.get("chat_template")
         if isinstance(chat_template, list):  # [{"name": "default", "template": ...}, ...]
             named = {t.get("name"): t.get("template") for t in chat_template}
@@ -304,14 +313,18 @@ class Tokenizer:
         if chat_template is None and jinja_file.is_file():
             chat_template = jinja_file.read_text(encoding="utf-8")
         max_len = config.get("model_max_length")
-        return cls(
-            backend,
-            **{role: _token_content(config.get(role)) for role in _SPECIAL_ROLES},
-            chat_template=chat_template,
-            add_bos_token=bool(config.get("add_bos_token", False)),
-            add_eos_token=bool(config.get("add_eos_token", False)),
-            model_max_length=int(max_len) if isinstance(max_len, (int, float)) and max_len < 1e12 else None,
-        )
+        try:
+            return cls(
+                backend,
+                **{role: _token_content(config.get(role)) for role in _SPECIAL_ROLES},
+                chat_template=chat_template,
+                add_bos_token=bool(config.get("add_bos_token", False)),
+                add_eos_token=bool(config.get("add_eos_token", False)),
+                model_max_length=int(max_len) if isinstance(max_len, (int, float)) and max_len < 1e12 else None,
+            )
+        except ValueError as e:  # a special token that tokenizer.json does not have
+            raise ValueError(f"{directory}: {e} (the special tokens of tokenizer_config.json / "
+                             "special_tokens_map.json must be in tokenizer.json)") from None
 
     # ------------------------------------------------------------------ properties
 

@@ -125,3 +125,19 @@ def test_finished_run_rerun_is_a_no_op_and_another_config_is_refused(uninterrupt
 
 def read_metrics_text(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def test_a_resume_whose_metrics_file_is_lost_warns_and_finishes(uninterrupted, tmp_path):
+    """Before: it trained, exported, then crashed drawing the SFT plot; summary.json was never written
+    and every rerun crashed the same way. Plots never fail a run."""
+    run_dir = tmp_path / "lost"
+    shutil.copytree(uninterrupted, run_dir, ignore=shutil.ignore_patterns(".lock"))
+    (run_dir / "metrics.jsonl").unlink()
+    (run_dir / "summary.json").unlink()
+    result = run(run_dir)
+    assert f"{run_dir / 'metrics.jsonl'}: missing, but the run resumes from checkpoints" in result.stderr
+    assert "sft.png: not drawn" in result.stderr  # no SFT rows left to draw
+    summary = json.loads((run_dir / "summary.json").read_text())
+    expected = json.loads((uninterrupted / "summary.json").read_text())
+    assert summary["final_gold_reward"] == expected["final_gold_reward"]
+    assert [r["stage"] for r in read_metrics(run_dir / "metrics.jsonl")] == ["eval", "eval"]
