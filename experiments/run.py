@@ -39,7 +39,8 @@ def main(argv=None) -> None:
     config, args = parse_args(argv, description=__doc__)
     try:
         _main(config, args)
-    except (InputError, OSError) as e:  # bad input or an unwritable run directory: one line, no traceback
+    except (InputError, PermissionError, FileNotFoundError, FileExistsError, NotADirectoryError,
+            IsADirectoryError) as e:  # bad input, an unusable run directory: one line (a full disk keeps its traceback)
         if args.debug:
             raise
         raise SystemExit(f"error: {e}") from None

@@ -32,7 +32,6 @@ import gc
 import hashlib
 import logging
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -114,46 +113,49 @@ def _short(error: BaseException, limit: int = 200) -> str:
     return f"{type(error).__name__}: {text[:limit - 3] + '...' if len(text) > limit else text}"
 
 
-def _quietly(read: Callable[[], Any]) -> tuple[Any, str | None]:
-    """``(read(), None)``, or ``(None, why)`` with a one-line reason when ``read`` raises, without the
-    noise orbax leaves behind when a read fails.
+@functools.cache
+def _drop_orbax_read_noise() -> None:
+    """Drop, for the rest of the process, the noise orbax leaves behind when a read of a damaged
+    checkpoint fails (installed once, by the first checkpoint read).
 
     Orbax reads the arrays of a checkpoint concurrently under ``asyncio.run``: when one read fails,
     the loop closes while TensorStore still completes the others, and each prints "Event loop is
     closed" (through ``sys.unraisablehook``), logs "exception was never retrieved" (the asyncio
     logger), or — once the exception that kept them alive is freed — "Exception ignored in
-    <coroutine ...>": pages of tracebacks around the one error that matters. Orbax also logs the
-    content of a damaged step's ``_CHECKPOINT_METADATA`` when it lists the steps. While ``read``
-    runs, and until its exception and the reads it left behind are collected, those are dropped.
+    <coroutine ...>": pages of tracebacks around the one error that matters, arriving whenever the
+    stray reads finish (on a loaded machine, long after the read returned). Orbax also logs the
+    content of a damaged step's ``_CHECKPOINT_METADATA`` when it lists the steps. Exactly those are
+    dropped; every other unraisable exception and log record passes.
     """
     previous = sys.unraisablehook
 
     def hook(unraisable):
         closed_loop = isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(
             unraisable.exc_value)
-        if not (closed_loop or type(unraisable.object).__name__ == "coroutine"):
+        code = getattr(unraisable.object, "cr_code", None)  # a coroutine's code object
+        stray_read = code is not None and "orbax" in code.co_filename
+        if not (closed_loop or stray_read):
             previous(unraisable)
 
     def keep(record: logging.LogRecord) -> bool:
         message = record.getMessage()
         return "exception was never retrieved" not in message and "Failed to json parse Metadata file" not in message
 
-    loggers = [logging.getLogger("asyncio"), logging.getLogger("absl")]
     sys.unraisablehook = hook
-    for log in loggers:
+    for log in (logging.getLogger("asyncio"), logging.getLogger("absl")):
         log.addFilter(keep)
+
+
+def _quietly(read: Callable[[], Any]) -> tuple[Any, str | None]:
+    """``(read(), None)``, or ``(None, why)`` with a one-line reason when ``read`` raises, without the
+    noise orbax leaves behind when a read fails (:func:`_drop_orbax_read_noise`)."""
+    _drop_orbax_read_noise()
     try:
-        try:
-            return read(), None
-        except Exception as e:  # noqa: BLE001 - damaged files surface as many exception types
-            why = _short(e)
-        time.sleep(0.05)  # the reads left running finish within a millisecond or so: let them, quietly,
-        gc.collect()  # and collect them with the failed read's exception and traceback
-        return None, why
-    finally:
-        sys.unraisablehook = previous
-        for log in loggers:
-            log.removeFilter(keep)
+        return read(), None
+    except Exception as e:  # noqa: BLE001 - damaged files surface as many exception types
+        why = _short(e)
+    gc.collect()  # free the failed read's exception and traceback (and the coroutines they hold) now
+    return None, why
 
 
 def _read_json(directory: Path) -> dict:

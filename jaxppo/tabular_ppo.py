@@ -21,9 +21,10 @@ import jax.numpy as jnp
 import optax
 
 from jaxppo.advantages import gae, kl_shaped_rewards, sequence_sum, whiten
-from jaxppo.config import require
+from jaxppo.config import MAX_LEARNING_RATE, require, require_finite, require_range
 from jaxppo.kl_control import KLControlState, init_kl_control, update_kl_control
 from jaxppo.losses import entropy, policy_loss, value_loss
+from jaxppo.rng import NUM_SEEDS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +59,16 @@ class TabularPPOConfig:
         require(0 <= self.gamma <= 1, "gamma", f"must be in [0, 1], got {self.gamma}")
         require(0 <= self.lam <= 1, "lam", f"must be in [0, 1], got {self.lam}")
         require(self.kl_coef >= 0, "kl_coef", f"must be >= 0, got {self.kl_coef}")
+        require_finite(self)  # every float finite (names the field), then the ranges that can train
+        require_range(self.learning_rate, "learning_rate", gt=0, le=MAX_LEARNING_RATE)
+        require_range(self.clip_eps, "clip_eps", gt=0)
+        for name in ("vf_coef", "entropy_coef"):
+            require_range(getattr(self, name), name, ge=0)  # negative flips the objective
+        for name in ("value_clip_eps", "kl_target"):
+            if getattr(self, name) is not None:
+                require_range(getattr(self, name), name, gt=0)
+        require_range(self.kl_horizon, "kl_horizon", gt=0)
+        require(0 <= self.seed < NUM_SEEDS, "seed", f"must be in [0, 2**32), got {self.seed}")
 
 
 class TabularState(NamedTuple):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,6 +35,8 @@ from jaxppo import toy_task
 from jaxppo.config import require
 from jaxppo.data import TextFormat, batch_indices, load_demonstrations, load_preferences, load_prompts, load_rankings
 from jaxppo.rng import stream_seed
+
+_log = logging.getLogger(__name__)
 
 Array = jax.Array
 
@@ -145,11 +148,13 @@ class TextTaskConfig:
 
 
 def check_tokenizer(tokenizer, vocab_size: int) -> None:
-    """Refuse a tokenizer with an id the model has no embedding row for (config field ``model.vocab_size``).
+    """Check a tokenizer against the model's embedding rows (config field ``model.vocab_size``).
 
-    Every id the tokenizer can produce — its special tokens (BOS, EOS, PAD, UNK) first, then its whole
-    vocabulary, added tokens included — must lie in ``[0, vocab_size)``: JAX turns a gather past the
-    end of the embedding table into NaNs, not an error, so a run would otherwise fail much later.
+    Its special tokens (BOS, EOS, PAD, UNK) must have ids in ``[0, vocab_size)``: they end or pad every
+    sequence, and JAX turns a gather past the end of the embedding table into NaNs, not an error.
+    Other ids past the model (tokens added to a tokenizer but never used, say) are a warning: every
+    record's ids are checked against the model as its file is read (naming the line), and the sampler
+    only produces ids the model has.
     """
     require(tokenizer is not None, "pretrained",
             "the checkpoint has no tokenizer (tokenizer.json); a text task needs one")
@@ -162,10 +167,9 @@ def check_tokenizer(tokenizer, vocab_size: int) -> None:
     outside = {token: i for token, i in ids.items() if not 0 <= i < vocab_size}
     if outside:
         token, token_id = max(outside.items(), key=lambda item: item[1])
-        raise ValueError(f"config field `model.vocab_size`: the model has {vocab_size} embedding rows but its "
-                         f"tokenizer has {len(outside)} ids outside [0, {vocab_size}) (the largest: {token!r} = "
-                         f"{token_id}); text that encodes to one would give NaN logits. Pair the model with its own "
-                         "tokenizer (or resize its embeddings).")
+        _log.warning(f"model.vocab_size: the model has {vocab_size} embedding rows but its tokenizer has "
+                     f"{len(outside)} ids outside [0, {vocab_size}) (the largest: {token!r} = {token_id}); a data "
+                     "record that uses one is refused when its file is read")
 
 
 def _existing(path: str, field: str) -> Path:

@@ -22,9 +22,15 @@ from jax.sharding import PartitionSpec as P
 from jaxppo import sharding
 from jaxppo.checkpoint import CheckpointError, StageCheckpoints, leaf_checksum
 from jaxppo.optim import create_train_state, make_optimizer
-from jaxppo.pipeline.context import CHECKPOINTED, _rewind, resume
+from jaxppo.pipeline.context import CHECKPOINTED, RunDirInUse, _rewind, lock_run, lock_run_dir, resume
 from jaxppo.sharding import MeshConfig, init_sharded, make_mesh, to_host
 
+
+# pytest swaps in its own sys.unraisablehook for each test, so orbax's stray reads of a damaged
+# checkpoint (which jaxppo.checkpoint drops outside pytest) surface here as pytest warnings instead
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Exception ignored in. <coroutine object _read_array_index_and_device_put:"
+    "pytest.PytestUnraisableExceptionWarning")
 
 def tiny_state(width: int = 4):
     params = {"w": jnp.arange(3 * width, dtype=jnp.float32).reshape(3, width), "b": jnp.zeros(width)}
@@ -176,6 +182,25 @@ def test_resume_verifies_before_rewinding_metrics(tmp_path, caplog):
     assert [json.loads(line) for line in metrics.read_text().splitlines()] == rows
 
 
+def test_a_damaged_finished_stage_with_later_stages_checkpointed_is_refused(tmp_path):
+    """SFT's done checkpoint (step 3) is damaged, so SFT would resume from step 2 and be trained again,
+    but the reward model already has a checkpoint made after SFT finished: rewinding metrics.jsonl to
+    SFT step 2 would drop the reward model's rows for good. One line, nothing touched."""
+    checkpoints = stage_checkpoints(tmp_path)
+    checkpoints["sft"].save(2, {"state": adam_state(0.0)}, {"done": False})
+    checkpoints["sft"].save(3, {"state": adam_state(1.0)}, {"done": True})
+    checkpoints["reward_model"].save(3, {"state": tiny_state()}, {"done": False})
+    flip_one_byte(tmp_path / "checkpoints" / "sft" / "3")
+    metrics = tmp_path / "metrics.jsonl"
+    text = "".join(json.dumps(row) + "\n" for row in [{"stage": "sft", "step": i} for i in range(3)]
+                   + [{"stage": "reward_model", "step": i} for i in range(3)])
+    metrics.write_text(text)
+    with pytest.raises(CheckpointError, match=r"checkpoints/sft: sft would resume from step 2 .* but reward_model "
+                                              r"already has checkpoints .*; move .*checkpoints/reward_model away"):
+        _rewind(tmp_path, stage_checkpoints(tmp_path))
+    assert metrics.read_text() == text
+
+
 def test_checksums_do_not_depend_on_the_mesh(tmp_path):
     mesh = Mesh(np.array(jax.devices()[:8]), ("x",))
     host = adam_state(0.5)
@@ -194,6 +219,13 @@ def _two_process_worker(process_id: int, port: int, root: str, phase: str) -> No
     """One process of :func:`test_checksums_across_two_processes` (``process_id`` -1: a single process)."""
     if process_id >= 0:
         sharding.initialize_distributed(f"127.0.0.1:{port}", 2, process_id)
+    if phase == "lock":  # the test holds the run directory: every process stops with process 0's error
+        try:
+            with lock_run(Path(root) / "run"):
+                print(json.dumps({"error": None}))
+        except RunDirInUse as e:
+            print(json.dumps({"error": str(e)}))
+        return
     mesh = make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1))
     state = init_sharded(lambda params: adam_state(0.0).replace(params=params), mesh, adam_state(0.0).params)
     ckpt = StageCheckpoints(Path(root) / "ppo", keep=3, config={})
@@ -228,7 +260,7 @@ def _run_workers(root: Path, phase: str, processes: int) -> list[dict]:
             if proc.poll() is None:
                 proc.kill()
     assert [proc.returncode for proc in procs] == [0] * len(procs), "\n".join(out[-2000:] for out in outs)
-    return [json.loads(out.strip().splitlines()[-1]) for out in outs] if phase == "resume" else []
+    return [json.loads(out.strip().splitlines()[-1]) for out in outs] if phase != "save" else []
 
 
 @pytest.mark.slow
@@ -240,6 +272,17 @@ def test_checksums_across_two_processes(tmp_path):
     results = _run_workers(tmp_path, "resume", 2)
     assert results == [{"first": 2, "step": 2, "equal": True}, {"first": None, "step": 2, "equal": True}]
     assert _run_workers(tmp_path, "resume", 1) == [{"first": 2, "step": 2, "equal": True}]
+
+
+@pytest.mark.slow
+def test_a_run_dir_in_use_stops_every_process_of_a_two_process_run(tmp_path):
+    """Process 0 cannot take the lock; process 1 (which never tries) gets process 0's error instead of
+    waiting at the first collective for a process 0 that has gone."""
+    with lock_run_dir(tmp_path / "run"):
+        results = _run_workers(tmp_path, "lock", 2)
+        expected = f"{tmp_path / 'run'}: in use by process {os.getpid()} on "
+        assert [r["error"][:len(expected)] for r in results] == [expected, expected]
+    assert _run_workers(tmp_path, "lock", 2) == [{"error": None}, {"error": None}]
 
 
 if __name__ == "__main__":

@@ -49,14 +49,23 @@ def write_jsonl(path, records) -> str:
 # ------------------------------------------------------------------------------ model vs tokenizer
 
 
-def test_a_tokenizer_larger_than_the_model_is_refused_before_any_file_is_read(tmp_path):
+def test_a_tokenizer_larger_than_the_model_warns_and_a_record_using_an_id_past_it_is_refused(tmp_path, caplog):
+    """Before: ids were checked against the tokenizer's size, so a model smaller than its tokenizer got
+    NaN logits and the run died blaming `reward_model.num_prompts`."""
     tokenizer = word_tokenizer(words=10)  # ids 0..11
-    config = TextTaskConfig(prompts=str(tmp_path / "never_read.jsonl"), chat_template=False)
-    with pytest.raises(ValueError, match=r"^config field `model\.vocab_size`: the model has 10 embedding rows but "
-                                         r"its tokenizer has 2 ids outside \[0, 10\) \(the largest: 'w9' = 11\)"):
-        TextTask(config, tokenizer, seed=0, vocab_size=10)
-    check_tokenizer(tokenizer, 12)  # a model at least as large as its tokenizer is fine (Qwen2 pads its rows)
-    check_tokenizer(tokenizer, 64)
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "w0 w1"}, {"prompt": "w2 w3"}, {"prompt": "w9"}])
+    config = TextTaskConfig(prompts=prompts, chat_template=False, eval_prompts=1)
+    with caplog.at_level("WARNING", logger="jaxppo.tasks"):
+        with pytest.raises(DataError, match=r"prompts\.jsonl:3: .*token id 11 .*outside the model's vocabulary "
+                                            r"\[0, 10\)"):
+            TextTask(config, tokenizer, seed=0, vocab_size=10)
+    assert ("model.vocab_size: the model has 10 embedding rows but its tokenizer has 2 ids outside [0, 10) "
+            "(the largest: 'w9' = 11)") in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="jaxppo.tasks"):
+        check_tokenizer(tokenizer, 12)  # a model at least as large as its tokenizer is fine (Qwen2 pads its rows)
+        check_tokenizer(tokenizer, 64)
+    assert caplog.text == ""
 
 
 def test_a_special_token_outside_the_model_is_named():

@@ -94,3 +94,12 @@ def test_an_input_error_in_a_run_is_one_line_and_a_traceback_with_debug(tmp_path
         assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), result.stderr
     assert not (tmp_path / "run" / "config.json").exists()
 
+
+
+def test_an_unusable_run_dir_is_one_line(tmp_path):
+    """A --run-dir below a file (read-only directories cannot be shown here: the tests run as root)."""
+    (tmp_path / "file").write_text("")
+    result = cli(tmp_path / "file" / "run")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and str(tmp_path / "file") in lines[0]

@@ -29,6 +29,10 @@ def test_config_errors_name_the_field(tmp_path):
         TabularPPOConfig(target_token=8)
     with pytest.raises(ValueError, match="`lam`"):
         TabularPPOConfig(lam=1.5)
+    for field, value in (("learning_rate", float("inf")), ("learning_rate", 1e30), ("vf_coef", -5.0),
+                         ("clip_eps", float("nan")), ("entropy_coef", -0.1), ("kl_horizon", 0.0), ("seed", 2**32)):
+        with pytest.raises(ValueError, match=f"config field `{field}`"):
+            TabularPPOConfig(**{field: value})
     bad = tmp_path / "bad.py"
     bad.write_text("def get_config():\n    return {'lr': 1}\n")
     with pytest.raises(ValueError, match="frozen dataclass"):

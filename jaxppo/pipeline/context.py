@@ -236,6 +236,33 @@ def lock_run_dir(run_dir: Path) -> Iterator[None]:
         f.close()  # closing the file releases the lock
 
 
+@contextlib.contextmanager
+def lock_run(run_dir: Path) -> Iterator[None]:
+    """:func:`lock_run_dir` taken by process 0 for every process of the run: process 0's outcome is
+    broadcast, so when the directory is in use every process stops at once with the same error (none
+    is left waiting at the first collective for a process 0 that has gone)."""
+    with contextlib.ExitStack() as stack:
+        error = None
+        if jax.process_index() == 0:
+            try:
+                stack.enter_context(lock_run_dir(run_dir))
+            except RunDirInUse as e:
+                error = e
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            message = np.zeros(512, np.uint8)
+            if error is not None:
+                text = str(error).encode()[:512]
+                message[:len(text)] = np.frombuffer(text, np.uint8)
+            message = np.asarray(multihost_utils.broadcast_one_to_all(message))
+            if error is None and message.any():
+                error = RunDirInUse(bytes(message[message > 0]).decode(errors="replace"))
+        if error is not None:
+            raise error
+        yield
+
+
 def _started(run_dir: Path) -> bool:
     """Whether an earlier run in ``run_dir`` got as far as a metrics row or a checkpoint."""
     metrics = run_dir / "metrics.jsonl"
@@ -276,6 +303,12 @@ def _rewind(run_dir: Path, checkpoints: Mapping[str, StageCheckpoints]) -> None:
             current = None  # every stage up to here is finished (a skipped stage before it included)
         else:
             current, resume_step = stage, step
+            later = [s for s in STAGES[STAGES.index(stage) + 1:] if checkpoints[s].latest_step() is not None]
+            if later:  # its done checkpoint was damaged: the later stages were trained on what it finished
+                raise CheckpointError(
+                    f"{ckpt.directory}: {stage} would resume from step {step} (its newer checkpoint does not "
+                    f"verify), but {', '.join(later)} already has checkpoints made after {stage} finished; move "
+                    f"{', '.join(str(checkpoints[s].directory) for s in later)} away to run them again")
             break
     order = {s: i for i, s in enumerate(STAGES)}
 
@@ -312,18 +345,18 @@ def open_run(config: PipelineConfig, run_dir: str | Path) -> Iterator[tuple[RunC
     """
     run_dir = Path(run_dir)
     main = jax.process_index() == 0
-    mesh = make_mesh(config.mesh)
-    root_key = jax.random.key(config.seed)
-    base_params, tokenizer = load_model(config)
-    if isinstance(config.task, TextTaskConfig):
-        task = TextTask(config.task, tokenizer, seed=config.seed, vocab_size=config.model.vocab_size)
-        print(f"prompts: {config.task.prompts}: {task.num_truncated_prompts} truncated to "
-              f"{config.task.max_prompt_tokens} tokens")
-    else:
-        task = ToyTask(config.task, functools.partial(stream_key, root_key))
-    config = config.resolved(stop_token_ids=task.stop_token_ids, pad_token_id=task.pad_token_id)
-    as_json = to_json(config)
-    with lock_run_dir(run_dir) if main else contextlib.nullcontext():
+    mesh = make_mesh(config.mesh)  # checks the mesh against the devices before the directory is made
+    with lock_run(run_dir):  # before the model and data load: a second run stops at once
+        root_key = jax.random.key(config.seed)
+        base_params, tokenizer = load_model(config)
+        if isinstance(config.task, TextTaskConfig):
+            task = TextTask(config.task, tokenizer, seed=config.seed, vocab_size=config.model.vocab_size)
+            print(f"prompts: {config.task.prompts}: {task.num_truncated_prompts} truncated to "
+                  f"{config.task.max_prompt_tokens} tokens")
+        else:
+            task = ToyTask(config.task, functools.partial(stream_key, root_key))
+        config = config.resolved(stop_token_ids=task.stop_token_ids, pad_token_id=task.pad_token_id)
+        as_json = to_json(config)
         _check_run_config(run_dir, as_json)
         checkpoints = {}
         if config.checkpoint.enabled:

@@ -119,8 +119,10 @@ def test_finished_run_rerun_is_a_no_op_and_another_config_is_refused(uninterrupt
     rows = read_metrics(uninterrupted / "metrics.jsonl")
     assert [r for r in rows if r["stage"] != "eval"] == [r for r in read_metrics_text(before) if r["stage"] != "eval"]
     result = run(uninterrupted, "ppo.kl_coef=0.2", check=False)
-    assert result.returncode != 0
-    assert "config.json" in result.stderr and "ppo.kl_coef" in result.stderr
+    assert result.returncode == 1
+    [line] = result.stderr.strip().splitlines()  # one line, no traceback
+    assert line.startswith(f"error: {uninterrupted / 'config.json'}: this run directory was started with another "
+                           "config") and "ppo.kl_coef" in line
 
 
 def read_metrics_text(text: str) -> list[dict]:
