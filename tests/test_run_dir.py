@@ -103,3 +103,15 @@ def test_an_unusable_run_dir_is_one_line(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1 and len(lines) == 1, result.stderr
     assert lines[0].startswith("error: ") and str(tmp_path / "file") in lines[0]
+
+
+def test_a_config_file_of_the_wrong_shape_is_one_line(tmp_path, capsys):
+    from jaxppo.cli import parse_args
+
+    bad = tmp_path / "bad.py"
+    bad.write_text("def get_config():\n    return {'lr': 1}\n")
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(["--config", str(bad)])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        f"error: {bad}: get_config() must return a frozen dataclass, got dict")
