@@ -184,6 +184,69 @@ def sequence_sum(x: Array, mask: Array) -> Array:
     return masked_sum(x, as_mask(mask, compute_dtype(x)), axis=-1)
 
 
+def _groups(fn: str, rewards: Array, group_size: int) -> Array:
+    """``rewards [B]`` as ``[B / n, n]``: row ``g`` holds the ``n = group_size`` responses to prompt ``g``."""
+    check_rank(fn, "rewards", rewards, 1, "[B]")
+    if not isinstance(group_size, int) or group_size < 2:
+        raise ValueError(f"{fn}: `group_size` must be an integer >= 2, got {group_size!r}")
+    if rewards.shape[0] % group_size:
+        raise ValueError(f"{fn}: `rewards` has {rewards.shape[0]} rows, not a multiple of group_size={group_size}")
+    return rewards.astype(compute_dtype(rewards)).reshape(-1, group_size)
+
+
+def group_advantages(rewards: Array, *, group_size: int, scale: str = "std", eps: float = 1e-6) -> Array:
+    r"""Group-relative advantages of GRPO (Shao et al. 2024, DeepSeekMath) and Dr. GRPO.
+
+    Rows come in contiguous groups: rows ``g·n … g·n+n−1`` are the ``n = group_size`` responses to
+    prompt ``g``. With ``scale="std"`` (GRPO)
+
+    .. math:: A_i = \frac{r_i − \bar r_g}{s_g + ε}, \qquad
+              s_g = \sqrt{\tfrac{1}{n−1} \textstyle\sum_{j∈g} (r_j − \bar r_g)^2}
+
+    (the group's *sample* standard deviation, ddof = 1, as DeepSeekMath's and TRL's code); with
+    ``scale="none"`` (Dr. GRPO, Liu et al. 2025, which drops the division as a difficulty bias)
+    :math:`A_i = r_i − \bar r_g`. A group whose rewards are all equal gets advantages 0 either way.
+
+    Args:
+      rewards: ``[B]`` sequence rewards, ``B`` a multiple of ``group_size``.
+      group_size: ``n ≥ 2`` responses per prompt.
+      scale: ``"std"`` or ``"none"``.
+      eps: added to the standard deviation.
+
+    Returns:
+      ``[B]`` advantages, one per response (every token of a response shares it).
+    """
+    fn = "group_advantages"
+    if scale not in ("std", "none"):
+        raise ValueError(f"{fn}: `scale` must be 'std' or 'none', got {scale!r}")
+    r = _groups(fn, rewards, group_size)
+    centered = r - jnp.mean(r, axis=1, keepdims=True)
+    if scale == "std":
+        std = jnp.sqrt(jnp.sum(jnp.square(centered), axis=1, keepdims=True) / (group_size - 1))
+        centered = centered / (std + eps)
+    return centered.reshape(-1)
+
+
+def rloo_advantages(rewards: Array, *, group_size: int) -> Array:
+    r"""REINFORCE leave-one-out advantages (Ahmadian et al. 2024; Kool et al. 2019).
+
+    .. math:: A_i = r_i − \frac{1}{n−1} \sum_{j∈g,\, j≠i} r_j = \frac{n}{n−1}\,(r_i − \bar r_g)
+
+    each response's baseline is the mean reward of the *other* responses to its prompt, so it is
+    independent of the response and the estimate stays unbiased. Groups as in :func:`group_advantages`.
+
+    Args:
+      rewards: ``[B]`` sequence rewards, ``B`` a multiple of ``group_size``.
+      group_size: ``n ≥ 2`` responses per prompt.
+
+    Returns:
+      ``[B]`` advantages.
+    """
+    r = _groups("rloo_advantages", rewards, group_size)
+    others = (jnp.sum(r, axis=1, keepdims=True) - r) / (group_size - 1)
+    return (r - others).reshape(-1)
+
+
 # --------------------------------------------------------------------------------------------
 # Advantage estimators: the plug-in point of the rollout (chosen by ``ppo.estimator``)
 # --------------------------------------------------------------------------------------------

@@ -219,6 +219,33 @@ def policy_loss(
     return loss, aux
 
 
+def overlong_penalty(lengths: Array, *, max_length: int, cache_length: int) -> Array:
+    r"""DAPO's soft overlong punishment (Yu et al. 2025, eq. 13): a length-aware reward term.
+
+    .. math:: R(ℓ) = \begin{cases} 0 & ℓ ≤ L − C \\ \frac{(L − C) − ℓ}{C} & L − C < ℓ ≤ L \\ −1 & ℓ > L \end{cases}
+
+    with :math:`L` = ``max_length`` and :math:`C` = ``cache_length``: responses within the last
+    ``C`` tokens before the limit are penalised linearly, from 0 to −1. It is added to the
+    verifiable reward of each response.
+
+    Args:
+      lengths: ``[B]`` response lengths (valid tokens).
+      max_length: ``L``, the maximum response length.
+      cache_length: ``C``, with ``0 < C ≤ L``.
+
+    Returns:
+      ``[B]`` penalties in ``[−1, 0]``.
+    """
+    fn = "overlong_penalty"
+    check_rank(fn, "lengths", lengths, 1, "[B]")
+    if not 0 < cache_length <= max_length:
+        raise ValueError(f"{fn}: need 0 < cache_length <= max_length, got cache_length={cache_length}, "
+                         f"max_length={max_length}")
+    lengths = jnp.asarray(lengths, jnp.result_type(float))  # float32, or float64 under x64
+    soft = ((max_length - cache_length) - lengths) / cache_length
+    return jnp.where(lengths > max_length, -1.0, jnp.minimum(soft, 0.0))
+
+
 class PolicyLoss(NamedTuple):
     """An entry of :data:`POLICY_LOSSES`: ``fn(logprobs, old_logprobs, advantages, mask, *, token_count,
     row_count, **hyperparameters) -> (loss, aux)``, a pure function whose aux has at least

@@ -6,10 +6,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import count_traces, prefix_mask, random_lengths, with_garbage
-from jaxppo.advantages import explained_variance, gae, kl_shaped_rewards, sequence_sum, whiten
 from reference_np import gae_ref, kl_shaped_rewards_ref, whiten_ref
+
+from jaxppo.advantages import (
+    explained_variance,
+    gae,
+    group_advantages,
+    kl_shaped_rewards,
+    rloo_advantages,
+    sequence_sum,
+    whiten,
+)
 
 B, T = 9, 13
 
@@ -173,3 +181,62 @@ def test_kl_coef_may_be_traced():
     f = jax.jit(lambda beta: kl_shaped_rewards(jnp.ones(2), lp + 1.0, lp, mask, kl_coef=beta)[0])
     np.testing.assert_allclose(f(0.5)[0], [-0.5, -0.5, 0.5])
     np.testing.assert_allclose(f(0.0)[0], [0.0, 0.0, 1.0])
+
+
+# ------------------------------------------------------------------ group estimators (critic-free)
+
+
+def _group_ref(rewards, n, kind):
+    """Float64 loops over each group, written from the papers' definitions."""
+    out = np.zeros(len(rewards))
+    for g in range(0, len(rewards), n):
+        r = [float(x) for x in rewards[g:g + n]]
+        mean = sum(r) / n
+        std = (sum((x - mean) ** 2 for x in r) / (n - 1)) ** 0.5  # sample std (ddof = 1)
+        for i in range(n):
+            if kind == "grpo":
+                out[g + i] = (r[i] - mean) / (std + 1e-6)
+            elif kind == "dr_grpo":
+                out[g + i] = r[i] - mean
+            else:  # rloo: minus the mean of the *other* responses
+                out[g + i] = r[i] - sum(r[j] for j in range(n) if j != i) / (n - 1)
+    return out
+
+
+@pytest.mark.parametrize("n", [2, 3, 5])
+def test_group_advantages_and_rloo_match_float64_loops(x64, n):
+    rng = np.random.default_rng(n)
+    rewards = rng.normal(size=4 * n)
+    rewards[:n] = 0.5  # one group whose rewards are all equal: advantages 0, not NaN
+    rewards[n:2 * n] = rng.integers(0, 2, size=n)  # a verifiable 0/1 reward
+    np.testing.assert_allclose(group_advantages(jnp.asarray(rewards), group_size=n), _group_ref(rewards, n, "grpo"),
+                               rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(group_advantages(jnp.asarray(rewards), group_size=n, scale="none"),
+                               _group_ref(rewards, n, "dr_grpo"), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(rloo_advantages(jnp.asarray(rewards), group_size=n), _group_ref(rewards, n, "rloo"),
+                               rtol=1e-12, atol=1e-12)
+    assert np.all(np.asarray(group_advantages(jnp.asarray(rewards), group_size=n))[:n] == 0)
+
+
+def test_group_advantages_worked_example():
+    # two of four answers correct: mean 0.5, sample std sqrt(1/3), so ±0.5·sqrt(3) = ±0.866;
+    # RLOO: 1 − (1 + 0 + 0)/3 = 2/3 and 0 − (1 + 1 + 0)/3 = −2/3
+    r = jnp.array([1.0, 0.0, 0.0, 1.0])
+    np.testing.assert_allclose(group_advantages(r, group_size=4), [0.8660, -0.8660, -0.8660, 0.8660], atol=1e-4)
+    np.testing.assert_allclose(rloo_advantages(r, group_size=4), [2 / 3, -2 / 3, -2 / 3, 2 / 3], rtol=1e-6)
+
+
+def test_group_estimators_check_their_arguments():
+    r = jnp.zeros(6)
+    with pytest.raises(ValueError, match="group_advantages: `rewards` has 6 rows, not a multiple of group_size=4"):
+        group_advantages(r, group_size=4)
+    with pytest.raises(ValueError, match="rloo_advantages: `group_size` must be an integer >= 2, got 1"):
+        rloo_advantages(r, group_size=1)
+    with pytest.raises(ValueError, match=r"group_advantages: `rewards` must have shape \[B\]"):
+        group_advantages(jnp.zeros((2, 3)), group_size=3)
+    with pytest.raises(ValueError, match="`scale` must be 'std' or 'none'"):
+        group_advantages(r, group_size=3, scale="mad")
+    fn, calls = count_traces(group_advantages, group_size=3)
+    for seed in range(3):
+        fn(jnp.asarray(np.random.default_rng(seed).normal(size=6), jnp.float32))
+    assert calls["traces"] == 1

@@ -15,6 +15,7 @@ from jaxppo.losses import (
     bradley_terry_loss,
     entropy,
     kl_penalty,
+    overlong_penalty,
     plackett_luce_loss,
     policy_loss,
     ranking_counts,
@@ -377,3 +378,15 @@ def test_each_loss_traced_once_for_repeated_shapes():
         for _ in range(3):
             jax.block_until_ready(jitted(*make_args()))
         assert calls["traces"] == 1, fn.__name__
+
+
+def test_overlong_penalty_matches_the_dapo_definition():
+    # L = 16, C = 4: free up to 12 tokens, then −1/4 per token, −1 at and past the limit
+    lengths = np.arange(0, 21)
+    expected = [0.0 if n <= 12 else (12 - n) / 4 if n <= 16 else -1.0 for n in lengths]
+    np.testing.assert_allclose(overlong_penalty(jnp.asarray(lengths), max_length=16, cache_length=4), expected,
+                               rtol=1e-6)
+    with pytest.raises(ValueError, match="overlong_penalty: need 0 < cache_length <= max_length"):
+        overlong_penalty(jnp.asarray(lengths), max_length=16, cache_length=0)
+    with pytest.raises(ValueError, match=r"overlong_penalty: `lengths` must have shape \[B\]"):
+        overlong_penalty(jnp.zeros((2, 3)), max_length=16, cache_length=4)
