@@ -219,6 +219,69 @@ def policy_loss(
     return loss, aux
 
 
+def sequence_policy_loss(
+    logprobs: Array,
+    old_logprobs: Array,
+    advantages: Array,
+    mask: Array,
+    *,
+    clip_eps: float,
+    clip_eps_high: float | None = None,
+    row_count: Array | float | None = None,
+) -> tuple[Array, dict[str, Array]]:
+    r"""GSPO's sequence-level clipped objective (Zheng et al. 2025, "Group Sequence Policy Optimization").
+
+    .. math::
+        s_i = \exp\Big(\frac{1}{|y_i|} \sum_{t} m_{it} (\log π_θ(y_{it}) − \log π_{old}(y_{it}))\Big),\qquad
+        L = −\frac{1}{S} \sum_{i:\,|y_i|>0} \min\big(s_i A_i,\ \mathrm{clip}(s_i, 1−ε_{low}, 1+ε_{high})\,A_i\big)
+
+    the length-normalised sequence likelihood ratio, clipped per *sequence* (the paper's ε are
+    small, e.g. 3e-4 / 4e-4), with one advantage per response (``[B]``, e.g. from
+    :func:`jaxppo.advantages.group_advantages`). :math:`S` is the number of non-empty rows
+    (``row_count`` replaces it for a micro-batch of a larger minibatch); empty rows contribute nothing.
+
+    Args:
+      logprobs: ``[B, T]`` log π_θ of the taken tokens (differentiable).
+      old_logprobs: ``[B, T]`` log π_old of the same tokens (data).
+      advantages: ``[B]`` sequence advantages (data).
+      mask: ``[B, T]`` valid response tokens.
+      clip_eps, clip_eps_high: ``ε_low`` and ``ε_high`` (default ``ε_low``), both > 0.
+      row_count: optional count of non-empty rows of the whole minibatch.
+
+    Returns:
+      ``(loss, aux)`` with scalar aux ``clip_fraction`` (rows where the clipped term is active),
+      ``ratio_mean`` (mean :math:`s_i`) and ``approx_kl`` (mean per-token k3 estimate).
+    """
+    fn = "sequence_policy_loss"
+    check_rank(fn, "logprobs", logprobs, 2, "[B, T]")
+    check_same_shape(fn, "logprobs", logprobs, old_logprobs=old_logprobs, mask=mask)
+    check_shape(fn, "advantages", advantages, logprobs.shape[:1], "[B]")
+    eps_high = clip_eps if clip_eps_high is None else clip_eps_high
+    for name, value in (("clip_eps", clip_eps), ("clip_eps_high", eps_high)):
+        if not (isinstance(value, jax.Array) or value > 0):
+            raise ValueError(f"{fn}: `{name}` must be > 0, got {value}")
+    dtype = compute_dtype(logprobs, old_logprobs, advantages)
+    mask = as_mask(mask, dtype)
+    log_ratio = jnp.where(mask > 0, logprobs.astype(dtype) - jax.lax.stop_gradient(old_logprobs.astype(dtype)), 0.0)
+    lengths = jnp.sum(mask, axis=-1)
+    nonempty = lengths > 0
+    seq_ratio = jnp.exp(jnp.sum(log_ratio, axis=-1) / jnp.maximum(lengths, 1.0))
+    advantages = jax.lax.stop_gradient(advantages.astype(dtype))
+    unclipped = -advantages * seq_ratio
+    clipped = -advantages * jnp.clip(seq_ratio, 1.0 - clip_eps, 1.0 + eps_high)
+    loss = masked_mean(jnp.maximum(unclipped, clipped), nonempty, denominator=row_count)
+
+    def row_mean(x):
+        return masked_mean(x.astype(dtype), nonempty, denominator=row_count)
+
+    aux = {
+        "clip_fraction": row_mean(clipped > unclipped),
+        "ratio_mean": jax.lax.stop_gradient(row_mean(seq_ratio)),
+        "approx_kl": jax.lax.stop_gradient(masked_mean(jnp.expm1(log_ratio) - log_ratio, mask)),
+    }
+    return loss, aux
+
+
 def overlong_penalty(lengths: Array, *, max_length: int, cache_length: int) -> Array:
     r"""DAPO's soft overlong punishment (Yu et al. 2025, eq. 13): a length-aware reward term.
 

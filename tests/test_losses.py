@@ -18,6 +18,7 @@ from jaxppo.losses import (
     overlong_penalty,
     plackett_luce_loss,
     policy_loss,
+    sequence_policy_loss,
     ranking_counts,
     sft_loss,
     token_entropy,
@@ -390,3 +391,53 @@ def test_overlong_penalty_matches_the_dapo_definition():
         overlong_penalty(jnp.asarray(lengths), max_length=16, cache_length=0)
     with pytest.raises(ValueError, match=r"overlong_penalty: `lengths` must have shape \[B\]"):
         overlong_penalty(jnp.zeros((2, 3)), max_length=16, cache_length=4)
+
+
+def _gspo_ref(logprobs, old, adv, mask, eps_low, eps_high):
+    """Float64 loop over rows: the GSPO objective as the paper writes it."""
+    terms, clipped = [], 0
+    for lp, ol, a, m in zip(logprobs, old, adv, mask):
+        n = int(m.sum())
+        if n == 0:
+            continue
+        s = np.exp(sum(float(x - y) for x, y, v in zip(lp, ol, m) if v) / n)
+        clip = min(max(s, 1 - eps_low), 1 + eps_high)
+        terms.append(min(s * a, clip * a))
+        clipped += clip * a < s * a
+    return -sum(terms) / len(terms), clipped / len(terms)
+
+
+def test_sequence_policy_loss_matches_a_float64_loop_and_splits_into_micro_batches(x64):
+    rng = np.random.default_rng(0)
+    b, t = 8, 7
+    mask = prefix_mask(random_lengths(rng, b, t), t)  # an empty and a full row included
+    old = rng.normal(-1.0, 0.3, size=(b, t))
+    logprobs = old + rng.normal(0.0, 0.05, size=(b, t))
+    adv = rng.normal(size=b)
+    args = [jnp.asarray(with_garbage(logprobs, mask)), jnp.asarray(with_garbage(old, mask)), jnp.asarray(adv),
+            jnp.asarray(mask)]
+    loss, aux = sequence_policy_loss(*args, clip_eps=0.01, clip_eps_high=0.02)
+    ref_loss, ref_clip = _gspo_ref(logprobs, old, adv, mask, 0.01, 0.02)
+    np.testing.assert_allclose(float(loss), ref_loss, rtol=1e-10)
+    np.testing.assert_allclose(float(aux["clip_fraction"]), ref_clip, rtol=1e-10)
+    assert 0 < ref_clip < 1  # both branches are exercised
+    # two micro-batches with the minibatch's row count sum to the whole loss
+    rows = float(nonempty_rows(jnp.asarray(mask)))
+    halves = [sequence_policy_loss(*(x[s] for x in args), clip_eps=0.01, clip_eps_high=0.02, row_count=rows)[0]
+              for s in (slice(0, 3), slice(3, None))]
+    np.testing.assert_allclose(float(sum(halves)), float(loss), rtol=1e-12)
+    # a row whose clipped term is active gets no gradient; the others do
+    grad = jax.grad(lambda lp: sequence_policy_loss(lp, *args[1:], clip_eps=0.01, clip_eps_high=0.02)[0])(args[0])
+    s = np.exp(np.sum((logprobs - old) * mask, 1) / np.maximum(mask.sum(1), 1))
+    active = (np.clip(s, 0.99, 1.02) * adv < s * adv) & (mask.sum(1) > 0)
+    row_grad = np.abs(np.asarray(grad) * mask).sum(1)
+    assert np.all(row_grad[active] == 0) and np.all(row_grad[~active & (mask.sum(1) > 0)] > 0)
+    assert np.all(np.asarray(grad)[mask == 0] == 0)
+
+
+def test_sequence_policy_loss_checks_its_arguments():
+    x = jnp.zeros((2, 3))
+    with pytest.raises(ValueError, match=r"sequence_policy_loss: `advantages` must have shape \[B\] = \(2,\)"):
+        sequence_policy_loss(x, x, x, x, clip_eps=0.2)
+    with pytest.raises(ValueError, match="sequence_policy_loss: `clip_eps_high` must be > 0"):
+        sequence_policy_loss(x, x, jnp.zeros(2), x, clip_eps=0.2, clip_eps_high=0.0)
