@@ -40,7 +40,7 @@ from jaxppo.masking import (
 Array = jax.Array
 
 KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
-AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 OBJECTIVES = ("bradley_terry", "plackett_luce")  # reward-model losses: pairs, ranked lists
 
 
@@ -105,8 +105,10 @@ def aggregate(
       OpenRLHF default; seed 000 §4.1).
     * ``seq-mean-token-mean``: :math:`\sum_b \big(\sum_t m_{bt} l_{bt} / n_b\big) / S` — every
       sequence weighs the same (the PPO paper's and DeepSpeed-Chat's reading).
-    * ``seq-mean-token-sum``: :math:`\sum_{b,t} m_{bt} l_{bt} / S` (no length normalisation,
-      Dr. GRPO-style).
+    * ``seq-mean-token-sum``: :math:`\sum_{b,t} m_{bt} l_{bt} / S` (no length normalisation).
+    * ``seq-mean-token-sum-norm``: :math:`\sum_{b,t} m_{bt} l_{bt} / (S\,T)` — each row's token sum
+      divided by a constant, the maximum response length :math:`T` (``loss_mat``'s time axis):
+      Dr. GRPO's unbiased aggregation (Liu et al. 2025; veRL's name), no per-row length bias.
 
     Rows without valid tokens are excluded from the sequence means; an empty batch gives 0.
     ``token_count`` replaces N and ``row_count`` replaces S (the counts of the whole minibatch when
@@ -122,7 +124,12 @@ def aggregate(
         return masked_mean(loss_mat, mask, denominator=token_count)
     row_sum = masked_sum(loss_mat, mask, axis=-1)
     lengths = jnp.sum(mask, axis=-1)
-    per_row = row_sum / jnp.maximum(lengths, 1) if aggregation == "seq-mean-token-mean" else row_sum
+    if aggregation == "seq-mean-token-mean":
+        per_row = row_sum / jnp.maximum(lengths, 1)
+    elif aggregation == "seq-mean-token-sum-norm":
+        per_row = row_sum / loss_mat.shape[-1]
+    else:
+        per_row = row_sum
     return masked_mean(per_row, lengths > 0, denominator=row_count)
 
 

@@ -55,7 +55,7 @@ class PPOConfig:
     vf_coef: float = 0.1  # >= 0; weight of the value loss
     entropy_coef: float = 0.0  # >= 0; weight of the entropy bonus (subtracted from the actor loss)
     policy_loss: str = "clip"  # actor surrogate, a name in jaxppo.losses.POLICY_LOSSES ("clip": token-level PPO clip)
-    aggregation: str = "token-mean"  # token losses → scalar: token-mean, seq-mean-token-mean or seq-mean-token-sum
+    aggregation: str = "token-mean"  # token losses → scalar: token-mean, seq-mean-token-mean, seq-mean-token-sum or -sum-norm
     critic: str = "separate"  # "separate": its own model; "shared": a value head on the actor's trunk
     critic_init: str = "reward_model"  # separate critic from "reward_model" (its head → value head) or "sft" (new head)
     ptx_coef: float = 0.0  # >= 0; PPO-ptx: weight of an SFT loss on demonstrations in the actor loss; 0: off

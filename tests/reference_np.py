@@ -275,6 +275,8 @@ def policy_loss_ref(
         loss = sum(row_means) / len(row_means) if row_means else 0.0
     elif aggregation == "seq-mean-token-sum":
         loss = sum(row_sums) / len(row_sums) if row_sums else 0.0
+    elif aggregation == "seq-mean-token-sum-norm":  # Dr. GRPO: each row's sum over the max length T
+        loss = sum(r / np.shape(logprobs)[1] for r in row_sums) / len(row_sums) if row_sums else 0.0
     else:
         raise ValueError(f"unknown aggregation: {aggregation!r}")
 

@@ -89,7 +89,7 @@ def test_kl_penalty_matches_float64_loop(x64, estimator):
         kl_penalty_ref(lp, ref, estimator), rtol=1e-6, atol=1e-14)
 
 
-@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
 @pytest.mark.parametrize("options", [dict(), dict(clip_eps=0.1, clip_eps_high=0.28), dict(dual_clip=3.0)])
 def test_policy_loss_matches_float64_loop(x64, aggregation, options):
     rng, mask = random_batch(1)
