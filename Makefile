@@ -24,7 +24,7 @@ run: $(STAMP)
 
 # TEST_WORKERS pytest processes (pytest-xdist), each a whole test module at a time (module fixtures
 # stay shared). Most of the suite is XLA compilation, one thread each: two workers keep both cores
-# of a 2-core machine busy (fresh clone, Nov 2026: 18:03 in one process, 12:02 on two). TEST_WORKERS=0: one process.
+# of a 2-core machine busy (fresh clone, Nov 2026: 18:03 in one process, 11:33 on two). TEST_WORKERS=0: one process.
 TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope $(PYTEST_ARGS)
