@@ -49,7 +49,7 @@ def require(condition: bool, field: str, message: str) -> None:
 
 def require_range(value, field: str, *, gt: float | None = None, ge: float | None = None,
                   lt: float | None = None, le: float | None = None) -> None:
-    """Raises ``ValueError`` naming ``field`` unless ``value`` is a finite real number within the bounds.
+    """Raises :class:`ConfigError` naming ``field`` unless ``value`` is a finite real number within the bounds.
 
     ``gt`` / ``ge`` are the lower bound (exclusive / inclusive), ``lt`` / ``le`` the upper one; the message
     states the range, e.g. ``must be in (0, 1], got 0.0`` or ``must be a finite number > 0, got inf``.
@@ -86,7 +86,7 @@ def _floats(value, prefix: str) -> Iterator[tuple[str, Any]]:
 
 
 def require_finite(config, prefix: str = "") -> None:
-    """Raises ``ValueError`` naming the first float field of ``config`` (nested configs included)
+    """Raises :class:`ConfigError` naming the first float field of ``config`` (nested configs included)
     that is NaN or ±inf: no such value can train, and none can be written to ``config.json``."""
     for field, value in _floats(config, prefix):
         require(math.isfinite(value), field, f"must be a finite number, got {value}")
@@ -95,7 +95,7 @@ def require_finite(config, prefix: str = "") -> None:
 def to_json(config) -> dict:
     """The config as plain JSON values (tuples become lists), as stored and compared on resume.
 
-    Strict JSON: a NaN or ±inf (which validation refuses) raises ``ValueError`` naming its field, so a
+    Strict JSON: a NaN or ±inf (which validation refuses) raises :class:`ConfigError` naming its field, so a
     saved config is always the one that ran (NaN would be written as ``null`` and could never be resumed).
     """
     require_finite(config)

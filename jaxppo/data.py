@@ -504,6 +504,11 @@ def _encode_responses(texts: Sequence[str], tokenizer, fmt: TextFormat) -> tuple
     return tokens, mask, num_truncated
 
 
+def _outside_vocab(tokens: np.ndarray, mask: np.ndarray, vocab_size: int) -> np.ndarray:
+    """Where a valid (mask != 0) position holds an id outside ``[0, vocab_size)``: bool, ``tokens``' shape."""
+    return (mask != 0) & ((tokens < 0) | (tokens >= vocab_size))
+
+
 def check_token_ids(tokens, mask, vocab_size: int, *, where: str) -> None:
     """Raise :class:`DataError` if any id at a valid (mask != 0) position is outside ``[0, vocab_size)``.
 
@@ -520,7 +525,7 @@ def check_token_ids(tokens, mask, vocab_size: int, *, where: str) -> None:
         return
     if not np.issubdtype(tokens.dtype, np.integer):
         raise DataError(f"{where}: token ids must be integers, got dtype {tokens.dtype}")
-    bad = (mask != 0) & ((tokens < 0) | (tokens >= vocab_size))
+    bad = _outside_vocab(tokens, mask, vocab_size)
     if not bad.any():
         return
     positions = np.argwhere(bad)
@@ -579,7 +584,7 @@ def _check_ids(located: Sequence[tuple[str, dict]], tokens: np.ndarray, mask: np
                *, what: str) -> None:
     """Like :func:`check_token_ids` on ``tokens [N, L]`` (row i from record i), naming the record's line."""
     vocab_size, whose = vocab
-    bad = (mask != 0) & ((tokens < 0) | (tokens >= vocab_size))
+    bad = _outside_vocab(tokens, mask, vocab_size)
     if not bad.any():
         return
     rows = np.flatnonzero(bad.any(axis=1))

@@ -122,7 +122,7 @@ def reserve_cpu_collective_threads(environ=os.environ) -> int | None:
     collectives that wait for a device that has no thread left to run on: a deadlock that XLA ends
     after its 40 s rendezvous timeout by aborting the process. On a 2-core machine two small programs
     with independent all-reduces over 2 devices deadlocked within their first calls, every time
-    (tests/test_sharding.py runs them); with 8 threads per device they never did. Idle threads cost
+    (tests/e2e/test_multi_device.py runs them); with 8 threads per device they never did. Idle threads cost
     nothing: a jitted matmul on one device ran as fast with 64 pool threads as with 2 (within noise,
     this 2-core machine, Nov 2026).
 

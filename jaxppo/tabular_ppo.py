@@ -68,7 +68,7 @@ class TabularPPOConfig:
             if getattr(self, name) is not None:
                 require_range(getattr(self, name), name, gt=0)
         require_range(self.kl_horizon, "kl_horizon", gt=0)
-        require(0 <= self.seed < NUM_SEEDS, "seed", f"must be in [0, 2**32), got {self.seed}")
+        require_range(self.seed, "seed", ge=0, lt=NUM_SEEDS)  # seed + 2**32 would give seed's keys
 
 
 class TabularState(NamedTuple):
