@@ -20,5 +20,6 @@ _spec.loader.exec_module(_default)
 def get_config():
     import dataclasses
 
-    config = _default.get_config(kl_coef=0.0)
+    # β = 0 builds no reference unless asked: the reference stays, to measure the KL the policy drifts to
+    config = _default.get_config(kl_coef=0.0, reference_model=True)
     return dataclasses.replace(config, reward_model=dataclasses.replace(config.reward_model, online_every=0))

@@ -26,12 +26,14 @@ def run_pipeline(config, run_dir: str | Path) -> dict:
     start = time.perf_counter()
     with open_run(config, run_dir) as (ctx, pretrained):
         sft_params = sft_stage(ctx, pretrained)
-        reward = reward_model_stage(ctx, sft_params)
-        sft_eval = evaluate(ctx, sft_params, reward.params, samples_file="samples_sft.json")
+        # reward functions (a verifier) replace the learned reward model: then none is trained
+        reward = None if config.reward_functions else reward_model_stage(ctx, sft_params)
+        sft_eval = evaluate(ctx, sft_params, reward and reward.params, samples_file="samples_sft.json")
         final_params, final_reward = ppo_stage(ctx, sft_params, reward)
         # proxy: the final reward model (every version is normalised on the same SFT samples)
-        final_eval = evaluate(ctx, final_params, final_reward.params, i=1, samples_file="samples_final.json")
-        return write_summary(ctx, sft_eval=sft_eval, final_eval=final_eval, reward_result=reward.result,
+        final_eval = evaluate(ctx, final_params, final_reward and final_reward.params, i=1,
+                              samples_file="samples_final.json")
+        return write_summary(ctx, sft_eval=sft_eval, final_eval=final_eval, reward_result=reward and reward.result,
                              final_params=final_params, start_time=start)
 
 
@@ -65,14 +67,17 @@ def _main(config, args) -> None:
     run_dir = Path(args.run_dir or f"runs/{Path(args.config).stem}-{stamp}")
     main_process = jax.process_index() == 0
     if main_process:
-        print(f"jaxppo: SFT -> reward model -> PPO ({args.config}) on {jax.process_count()} process(es), "
+        reward = "reward functions " + "+".join(config.reward_functions) if config.reward_functions else "reward model"
+        rl = "PPO" if config.ppo.estimator == "gae" else config.ppo.estimator.upper()
+        print(f"jaxppo: SFT -> {reward} -> {rl} ({args.config}) on {jax.process_count()} process(es), "
               f"{jax.device_count()} device(s); writing {run_dir}")
     summary = run_pipeline(config, run_dir)
     if not main_process:
         return
     print(json.dumps(summary, indent=2))
-    print(f"gold reward: SFT {summary['sft_gold_reward']:.3f} -> PPO {summary['final_gold_reward']:.3f} "
-          f"(best possible {summary['optimal_gold_reward']:.3f}; {summary['gap_closed']:.0%} of the gap closed)")
+    print(f"gold reward: SFT {summary['sft_gold_reward']:.3f} -> {summary['estimator']} "
+          f"{summary['final_gold_reward']:.3f} (best possible {summary['optimal_gold_reward']:.3f}; "
+          f"{summary['gap_closed']:.0%} of the gap closed)")
     print(f"metrics: {run_dir / 'metrics.jsonl'}   plots: {run_dir}/{{ppo,sft,reward_model}}.png   "
           f"tensorboard: {run_dir / 'tensorboard'}   samples: {run_dir}/samples_{{sft,final}}.json   "
           f"summary: {run_dir / 'summary.json'}")

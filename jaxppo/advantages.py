@@ -184,13 +184,14 @@ def sequence_sum(x: Array, mask: Array) -> Array:
     return masked_sum(x, as_mask(mask, compute_dtype(x)), axis=-1)
 
 
-def _groups(fn: str, rewards: Array, group_size: int) -> Array:
-    """``rewards [B]`` as ``[B / n, n]``: row ``g`` holds the ``n = group_size`` responses to prompt ``g``."""
-    check_rank(fn, "rewards", rewards, 1, "[B]")
+def _groups(fn: str, rewards: Array, group_size: int, name: str = "rewards") -> Array:
+    """``rewards [B]`` as ``[B / n, n]``: row ``g`` holds the ``n = group_size`` responses to prompt ``g``;
+    ``name`` is the argument's, for the errors."""
+    check_rank(fn, name, rewards, 1, "[B]")
     if not isinstance(group_size, int) or group_size < 2:
         raise ValueError(f"{fn}: `group_size` must be an integer >= 2, got {group_size!r}")
     if rewards.shape[0] % group_size:
-        raise ValueError(f"{fn}: `rewards` has {rewards.shape[0]} rows, not a multiple of group_size={group_size}")
+        raise ValueError(f"{fn}: `{name}` has {rewards.shape[0]} rows, not a multiple of group_size={group_size}")
     return rewards.astype(compute_dtype(rewards)).reshape(-1, group_size)
 
 
@@ -224,7 +225,10 @@ def group_advantages(rewards: Array, *, group_size: int, scale: str = "std", eps
     if scale == "std":
         std = jnp.sqrt(jnp.sum(jnp.square(centered), axis=1, keepdims=True) / (group_size - 1))
         centered = centered / (std + eps)
-    return centered.reshape(-1)
+    # a group of equal rewards gets exactly 0: in float32 the mean of e.g. seven 0.9s is off by an ulp,
+    # and that rounding error divided by a std of the same size would not be small
+    constant = jnp.max(r, axis=1, keepdims=True) == jnp.min(r, axis=1, keepdims=True)
+    return jnp.where(constant, 0.0, centered).reshape(-1)
 
 
 def rloo_advantages(rewards: Array, *, group_size: int) -> Array:
@@ -252,10 +256,89 @@ def rloo_advantages(rewards: Array, *, group_size: int) -> Array:
 # --------------------------------------------------------------------------------------------
 
 
+def reward_to_go(rewards: Array, mask: Array, *, gamma: float) -> Array:
+    r"""Discounted reward-to-go of each token, no critic (REINFORCE's return).
+
+    .. math:: G_t = \sum_{k ≥ t} γ^{k−t} r_k
+
+    over the row's valid tokens: :func:`gae` with values 0 and λ = 1. ``[B, T]`` → ``[B, T]``, 0 at
+    masked positions.
+    """
+    check_rank("reward_to_go", "rewards", rewards, 2, "[B, T]")
+    check_same_shape("reward_to_go", "rewards", rewards, mask=mask)
+    returns, _ = gae(rewards, jnp.zeros_like(rewards), mask, gamma=gamma, lam=1.0)
+    return returns
+
+
+def group_center_scores(rewards: Array, scores: Array, mask: Array, *, group_size: int) -> Array:
+    r"""Per-token rewards with each response's score replaced by its score minus its group's mean
+    score (REINFORCE++-baseline, Hu 2025): the reward at the last valid token becomes
+    :math:`r_T − \bar s_g` (the score was added there, :func:`kl_shaped_rewards`), every other
+    token's reward (the −β·KL terms) is kept. Groups as in :func:`group_advantages`.
+
+    Args:
+      rewards: ``[B, T]`` per-token rewards holding the score ``scores[i]`` at each row's last valid token.
+      scores: ``[B]`` sequence scores.
+      mask: ``[B, T]`` valid tokens (a prefix of each row).
+      group_size: ``n ≥ 2`` responses per prompt.
+
+    Returns:
+      ``[B, T]`` rewards, 0 at masked positions.
+    """
+    fn = "group_center_scores"
+    check_rank(fn, "rewards", rewards, 2, "[B, T]")
+    check_same_shape(fn, "rewards", rewards, mask=mask)
+    check_shape(fn, "scores", scores, rewards.shape[:1], "[B]")
+    groups = _groups(fn, scores, group_size, "scores")
+    group_mean = jnp.repeat(jnp.mean(groups, axis=1), group_size)
+    dtype = compute_dtype(rewards, scores)
+    m = as_mask(mask, dtype)
+    last = jnp.arange(rewards.shape[1])[None, :] == last_valid_index(m)[:, None]
+    shifted = rewards.astype(dtype) - jnp.where(last, group_mean[:, None], 0.0)
+    return jnp.where(m > 0, shifted, 0.0)
+
+
+def reinforce_pp_advantages(rewards: Array, mask: Array, *, gamma: float, eps: float = 1e-8) -> Array:
+    r"""REINFORCE++ advantages (Hu 2025): the reward-to-go of the KL-shaped per-token rewards,
+    whitened over every valid token of the batch (the "global advantage normalisation" that
+    replaces the critic's baseline):
+
+    .. math:: A_t = \frac{G_t − μ}{\sqrt{σ^2 + ε}}, \qquad G_t = \sum_{k≥t} γ^{k−t} r_k
+
+    with μ, σ² the mean and population variance of :math:`G` over the batch's valid tokens. For
+    REINFORCE++-baseline, pass rewards from :func:`group_center_scores`.
+
+    Args:
+      rewards: ``[B, T]`` per-token rewards (e.g. :func:`kl_shaped_rewards`).
+      mask: ``[B, T]`` valid tokens.
+      gamma: discount γ ∈ [0, 1].
+      eps: added to the variance.
+
+    Returns:
+      ``[B, T]`` advantages, 0 at masked positions.
+    """
+    check_rank("reinforce_pp_advantages", "rewards", rewards, 2, "[B, T]")
+    check_same_shape("reinforce_pp_advantages", "rewards", rewards, mask=mask)
+    return whiten(reward_to_go(rewards, mask, gamma=gamma), mask, eps=eps)
+
+
+def per_token(sequence_values: Array, mask: Array) -> Array:
+    """``[B]`` → ``[B, T]``: each row's value on its valid tokens, 0 on padding."""
+    check_rank("per_token", "mask", mask, 2, "[B, T]")
+    check_shape("per_token", "sequence_values", sequence_values, mask.shape[:1], "[B]")
+    dtype = compute_dtype(sequence_values)
+    return jnp.where(as_mask(mask, dtype) > 0, sequence_values.astype(dtype)[:, None], 0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Advantage estimators: the plug-in point of the rollout (chosen by ``ppo.estimator``)
+# --------------------------------------------------------------------------------------------
+
+
 class AdvantageInputs(NamedTuple):
     """What the rollout hands an estimator; ``[B, N]`` unless noted."""
 
-    scores: Array  # [B] sequence reward (reward model / reward function, after the missing-EOS penalty)
+    scores: Array  # [B] sequence reward (reward model / reward functions, after the missing-EOS penalty)
     rewards: Array  # per-token rewards: −β·KL_t plus the score at the last token (kl_shaped_rewards)
     values: Array | None  # critic values V(s_t); None when the estimator needs no critic
     mask: Array  # valid response tokens
@@ -267,12 +350,18 @@ class Estimator(NamedTuple):
     ``fn(inputs: AdvantageInputs, **hyperparameters) -> (advantages [B, N], returns [B, N])`` is a
     pure function; ``hyperparameters`` names the ``PPOConfig`` scalars it takes as keywords;
     ``needs_critic`` says whether the run builds, trains and checkpoints a critic for it (then
-    ``inputs.values`` is set and ``returns`` are the critic's targets).
+    ``inputs.values`` is set and ``returns`` are the critic's targets; without a critic ``returns``
+    are only logged). ``whiten`` is the default of ``ppo.whiten_advantages`` (batch whitening after
+    the estimator): on for GAE, off where it would change the estimator (a group-relative advantage
+    whitened over the batch's tokens is no longer group-relative) or the estimator whitens itself.
+    ``grouped``: the batch must come in groups of ``ppo.group_size`` responses per prompt.
     """
 
     fn: Callable[..., tuple[Array, Array]]
     hyperparameters: tuple[str, ...]
     needs_critic: bool
+    whiten: bool = False
+    grouped: bool = False
 
 
 def gae_estimator(inputs: AdvantageInputs, *, gamma: float, lam: float) -> tuple[Array, Array]:
@@ -282,8 +371,63 @@ def gae_estimator(inputs: AdvantageInputs, *, gamma: float, lam: float) -> tuple
     return gae(inputs.rewards, inputs.values, inputs.mask, gamma=gamma, lam=lam)
 
 
+def _sequence_returns(fn: str, inputs: AdvantageInputs) -> Array:
+    r"""Each response's return :math:`R_i = \sum_t r_{it}` ``[B]``, the arguments checked under ``fn``'s name."""
+    check_rank(fn, "rewards", inputs.rewards, 2, "[B, T]")
+    check_same_shape(fn, "rewards", inputs.rewards, mask=inputs.mask)
+    return sequence_sum(inputs.rewards, inputs.mask)
+
+
+def _per_response(advantages: Array, inputs: AdvantageInputs, gamma: float) -> tuple[Array, Array]:
+    """``(advantages [B]`` on every valid token of their response, the reward-to-go as ``returns``,
+    logged only: no critic regresses on them)."""
+    return per_token(advantages, inputs.mask), reward_to_go(inputs.rewards, inputs.mask, gamma=gamma)
+
+
+# The group estimators score each response by its return R_i = Σ_t r_it: the score, minus β·ΣKL when
+# the KL is in the reward (ppo.kl_in_reward), or the score alone when the KL is a loss term (GRPO's way).
+
+def grpo_estimator(inputs: AdvantageInputs, *, group_size: int, gamma: float) -> tuple[Array, Array]:
+    """GRPO: :func:`group_advantages` (``scale="std"``) of each response's return, on all its tokens."""
+    returns = _sequence_returns("grpo_estimator", inputs)
+    return _per_response(group_advantages(returns, group_size=group_size, scale="std"), inputs, gamma)
+
+
+def dr_grpo_estimator(inputs: AdvantageInputs, *, group_size: int, gamma: float) -> tuple[Array, Array]:
+    """Dr. GRPO: :func:`group_advantages` (``scale="none"``) of each response's return, on all its tokens."""
+    returns = _sequence_returns("dr_grpo_estimator", inputs)
+    return _per_response(group_advantages(returns, group_size=group_size, scale="none"), inputs, gamma)
+
+
+def rloo_estimator(inputs: AdvantageInputs, *, group_size: int, gamma: float) -> tuple[Array, Array]:
+    """RLOO: :func:`rloo_advantages` of each response's return, on all its tokens."""
+    returns = _sequence_returns("rloo_estimator", inputs)
+    return _per_response(rloo_advantages(returns, group_size=group_size), inputs, gamma)
+
+
+def reinforce_pp_estimator(inputs: AdvantageInputs, *, gamma: float) -> tuple[Array, Array]:
+    """REINFORCE++: :func:`reinforce_pp_advantages` of the KL-shaped rewards; returns: the reward-to-go."""
+    return (reinforce_pp_advantages(inputs.rewards, inputs.mask, gamma=gamma),
+            reward_to_go(inputs.rewards, inputs.mask, gamma=gamma))
+
+
+def reinforce_pp_baseline_estimator(inputs: AdvantageInputs, *, group_size: int, gamma: float) -> tuple[Array, Array]:
+    """REINFORCE++-baseline: REINFORCE++ of the rewards with the group-mean score subtracted
+    (:func:`group_center_scores`)."""
+    rewards = group_center_scores(inputs.rewards, inputs.scores, inputs.mask, group_size=group_size)
+    return (reinforce_pp_advantages(rewards, inputs.mask, gamma=gamma),
+            reward_to_go(inputs.rewards, inputs.mask, gamma=gamma))
+
+
 # A fork adds an estimator with one pure function (+ its test) and one row here; `ppo.estimator`
 # then accepts its name. The rollout calls ESTIMATORS[name].fn(inputs, **{h: ppo.<h>}).
 ESTIMATORS: dict[str, Estimator] = {
-    "gae": Estimator(gae_estimator, hyperparameters=("gamma", "lam"), needs_critic=True),
+    "gae": Estimator(gae_estimator, hyperparameters=("gamma", "lam"), needs_critic=True, whiten=True),
+    "grpo": Estimator(grpo_estimator, hyperparameters=("group_size", "gamma"), needs_critic=False, grouped=True),
+    "dr_grpo": Estimator(dr_grpo_estimator, hyperparameters=("group_size", "gamma"), needs_critic=False,
+                         grouped=True),
+    "rloo": Estimator(rloo_estimator, hyperparameters=("group_size", "gamma"), needs_critic=False, grouped=True),
+    "reinforce++": Estimator(reinforce_pp_estimator, hyperparameters=("gamma",), needs_critic=False),
+    "reinforce++_baseline": Estimator(reinforce_pp_baseline_estimator, hyperparameters=("group_size", "gamma"),
+                                      needs_critic=False, grouped=True),
 }

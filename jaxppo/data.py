@@ -25,7 +25,9 @@ Every record has a prompt, given as exactly one of
 
 and, by stage, its responses (fields not listed are ignored, e.g. ids or labels):
 
-* :func:`load_prompts`: nothing more (any of the files below also serves as a prompt file);
+* :func:`load_prompts`: optional ``"answer"``: the ground truth a verifiable reward checks the
+  response against (a string, or a number kept as ``str(number)``: ``85`` → ``"85"``); ``None``
+  where a record has none (any of the files below also serves as a prompt file);
 * :func:`load_demonstrations`: ``"response"``: str;
 * :func:`load_preferences`: ``"chosen"``: str, ``"rejected"``: str, optional ``"margin"``: number
   (0 if absent);
@@ -35,6 +37,7 @@ and, by stage, its responses (fields not listed are ignored, e.g. ids or labels)
 Examples (JSONL)::
 
     {"prompt": "Write a haiku about rain."}
+    {"prompt": "What is 37 + 48? Answer with the number.", "answer": "85"}
     {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]}
     {"prompt": "2+2?", "response": "4"}
     {"prompt": "Say hi.", "chosen": "Hi!", "rejected": "Go away.", "margin": 2.0}
@@ -307,15 +310,25 @@ class _Arrays:
 @dataclasses.dataclass(frozen=True, eq=False)
 class Prompts(_Arrays):
     """Prompts ``[N, P]`` (left-padded) with ``prompt_mask``; ``texts`` are the prompts as written
-    (the ``"prompt"`` field, or the last user turn of ``"messages"``)."""
+    (the ``"prompt"`` field, or the last user turn of ``"messages"``); ``answers`` the N ``"answer"``
+    fields as strings (numbers as ``str(number)``), ``None`` for a record without one."""
 
     prompt: np.ndarray
     prompt_mask: np.ndarray
     texts: tuple[str, ...]
     num_truncated: int
     source: str
+    answers: tuple[str | None, ...]
 
     _ARRAYS: ClassVar[tuple[str, ...]] = ("prompt", "prompt_mask")
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("texts", "answers"):
+            value = getattr(self, name)
+            if not isinstance(value, tuple) or len(value) != len(self):
+                raise ValueError(f"Prompts.{name} must be a tuple with one item per row ({len(self)}), "
+                                 f"got {_describe(value)}")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -427,6 +440,20 @@ def _prompt_field(record: dict, where: str, expected: str) -> tuple[str, list[di
     if not has_prompt:
         raise DataError(f"{where}: missing field 'prompt' (or 'messages'); expected {expected}")
     return _text_field(record, "prompt", where, expected), None
+
+
+def _answer_field(record: dict, where: str) -> str | None:
+    """The record's ``"answer"`` as a string (a number through ``str``), or None if it has none."""
+    value = record.get("answer")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise DataError(f"{where}: field 'answer' must be a string or a number, got {_describe(value)}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise DataError(f"{where}: field 'answer' must be a finite number, got {_describe(value)}")
+    if isinstance(value, str) and not value.strip():
+        raise DataError(f"{where}: field 'answer' is empty")
+    return str(value)
 
 
 def _margin_field(record: dict, where: str) -> float:
@@ -615,17 +642,22 @@ def _same_tokens(a: np.ndarray, a_mask: np.ndarray, b: np.ndarray, b_mask: np.nd
 
 
 def load_prompts(path: str | os.PathLike, tokenizer, fmt: TextFormat, *, vocab_size: int | None = None) -> Prompts:
-    """Prompts of a file of records with ``"prompt"`` or ``"messages"`` (other fields are ignored).
+    """Prompts of a file of records with ``"prompt"`` or ``"messages"`` and an optional ``"answer"``
+    (other fields are ignored).
 
-    ``vocab_size`` (default ``tokenizer.vocab_size``) is the model's: ids at or above it are refused.
+    ``answers[i]`` is record i's answer as a string (``{"answer": 85}`` gives ``"85"``, ``85.0`` gives
+    ``"85.0"``), or None where it has none; an answer that is not a string or a finite number, or an
+    empty string, is a :class:`DataError` naming its line. ``vocab_size`` (default
+    ``tokenizer.vocab_size``) is the model's: ids at or above it are refused.
     """
     expected = "'prompt' (a string) or 'messages' (a chat ending with a user turn)"
     source, located = _start(path, tokenizer, fmt)
     prompts = [_prompt_field(record, where, expected) for where, record in located]
+    answers = tuple(_answer_field(record, where) for where, record in located)
     prompt, prompt_mask, num_truncated = _encode_prompts(located, prompts, tokenizer, fmt)
     _check_ids(located, prompt, prompt_mask, _vocab(tokenizer, vocab_size), what="prompt")
     _report(source, "prompts", len(located), fmt, num_truncated)
-    return Prompts(prompt, prompt_mask, tuple(text for text, _ in prompts), num_truncated, source)
+    return Prompts(prompt, prompt_mask, tuple(text for text, _ in prompts), num_truncated, source, answers)
 
 
 def load_demonstrations(path: str | os.PathLike, tokenizer, fmt: TextFormat, *,

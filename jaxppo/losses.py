@@ -316,6 +316,30 @@ def overlong_penalty(lengths: Array, *, max_length: int, cache_length: int) -> A
     return jnp.where(lengths > max_length, -1.0, jnp.minimum(soft, 0.0))
 
 
+def gspo_loss(
+    logprobs: Array,
+    old_logprobs: Array,
+    advantages: Array,
+    mask: Array,
+    *,
+    clip_eps: float,
+    clip_eps_high: float | None = None,
+    token_count: Array | float | None = None,
+    row_count: Array | float | None = None,
+) -> tuple[Array, dict[str, Array]]:
+    """:func:`sequence_policy_loss` with per-token ``advantages [B, T]`` (a :data:`POLICY_LOSSES` row):
+    each row's advantage is the mean over its valid tokens (the response's advantage itself for the
+    sequence-level estimators, which give every token of a response the same one). ``token_count``
+    is accepted for the common signature and unused: GSPO averages over rows."""
+    check_rank("gspo_loss", "advantages", advantages, 2, "[B, T]")
+    check_same_shape("gspo_loss", "mask", mask, advantages=advantages)
+    dtype = compute_dtype(advantages)
+    m = as_mask(mask, dtype)
+    row_advantages = masked_sum(advantages.astype(dtype), m, axis=-1) / jnp.maximum(jnp.sum(m, axis=-1), 1.0)
+    return sequence_policy_loss(logprobs, old_logprobs, row_advantages, mask, clip_eps=clip_eps,
+                                clip_eps_high=clip_eps_high, row_count=row_count)
+
+
 class PolicyLoss(NamedTuple):
     """An entry of :data:`POLICY_LOSSES`: ``fn(logprobs, old_logprobs, advantages, mask, *, token_count,
     row_count, **hyperparameters) -> (loss, aux)``, a pure function whose aux has at least
@@ -330,6 +354,7 @@ class PolicyLoss(NamedTuple):
 # then accepts its name. The actor loss calls POLICY_LOSSES[name].fn(..., **{h: ppo.<h>}).
 POLICY_LOSSES: dict[str, PolicyLoss] = {
     "clip": PolicyLoss(policy_loss, hyperparameters=("clip_eps", "clip_eps_high", "dual_clip", "aggregation")),
+    "gspo": PolicyLoss(gspo_loss, hyperparameters=("clip_eps", "clip_eps_high")),
 }
 
 

@@ -12,6 +12,7 @@ from jaxppo.rng import NUM_SEEDS
 from jaxppo.sharding import MeshConfig
 from jaxppo.tasks import TextTaskConfig
 from jaxppo.toy_task import ToyTaskConfig
+from jaxppo.addition_task import AdditionTaskConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +94,9 @@ class PipelineConfig:
     """SFT → reward model → PPO: on the embedded toy task, or on a pretrained model with a text task."""
 
     model: ModelConfig  # architecture and dtypes (for a pretrained model: its own, from read_model_config)
-    task: ToyTaskConfig | TextTaskConfig = ToyTaskConfig()  # where prompts, data and the gold reward come from
+    # where prompts, data and the gold reward come from: the embedded RLHF task, the embedded verifiable
+    # (addition) task, or a text task of local files
+    task: ToyTaskConfig | AdditionTaskConfig | TextTaskConfig = ToyTaskConfig()
     sft: SFTConfig = SFTConfig()
     reward_model: RewardModelConfig = RewardModelConfig()
     ppo: PPOConfig = PPOConfig()
@@ -106,6 +109,10 @@ class PipelineConfig:
     num_samples: int = 8  # responses written to samples_{sft,final}.json before and after PPO
     export_hf: bool = True  # write the final actor as a Hugging Face directory (run_dir/actor_hf)
     wandb_project: str = ""  # also log to Weights & Biases (needs `pip install wandb`); "" = off
+    # score responses with the task's reward functions (jaxppo.rewards; e.g. a verifier) instead of a learned reward
+    # model: then no reward model is trained. (): the reward model
+    reward_functions: tuple[str, ...] = ()
+    reward_weights: tuple[float, ...] = ()  # one weight per reward function; (): all 1
 
     def __post_init__(self):
         require_finite(self)  # every float of every section, the task's included
@@ -113,6 +120,17 @@ class PipelineConfig:
         # Bradley–Terry labels P(a ≻ b) = σ(β (gold_a − gold_b)): β < 0 prefers the worse response (0: coin flips)
         require_range(self.task.preference_beta, "task.preference_beta", ge=0)
         text = isinstance(self.task, TextTaskConfig)
+        for name in self.reward_functions:
+            require(name in self.task.reward_function_names, "reward_functions",
+                    f"{name!r} is not a reward function of the task; it has {self.task.reward_function_names}")
+        require(not self.reward_weights or len(self.reward_weights) == len(self.reward_functions), "reward_weights",
+                f"{len(self.reward_weights)} weights for {len(self.reward_functions)} reward functions")
+        if self.reward_functions:
+            require(self.reward_model.online_every == 0, "reward_model.online_every",
+                    "online refreshes retrain the reward model; reward functions replace it (set it to 0)")
+            require(self.ppo.critic_role != "separate" or self.ppo.critic_init == "sft", "ppo.critic_init",
+                    "'reward_model' initialises the critic from the reward model; with reward functions there is "
+                    "none (use 'sft')")
         require(not text or bool(self.pretrained), "pretrained", "a text task needs a pretrained model (its tokenizer)")
         require(bool(self.pretrained) or self.sft.steps >= 1, "sft.steps",
                 "a randomly initialised model needs SFT (steps >= 1)")
@@ -146,8 +164,10 @@ class PipelineConfig:
     def resolved(self, *, stop_token_ids: tuple[int, ...], pad_token_id: int) -> PipelineConfig:
         """The config as it runs, resolved once before a run starts and saved so: the task's stop and
         pad tokens in ``ppo`` when ``ppo.stop_token_ids`` is empty (a response ends at the task's EOS,
-        in PPO as in evaluation and preference data), and the default KL estimator made explicit."""
-        ppo = dataclasses.replace(self.ppo, kl_estimator=self.ppo.kl_penalty_estimator)
+        in PPO as in evaluation and preference data), and the defaults that depend on other fields
+        made explicit: the KL estimator, advantage whitening and whether a reference is built."""
+        ppo = dataclasses.replace(self.ppo, kl_estimator=self.ppo.kl_penalty_estimator,
+                                  whiten_advantages=self.ppo.whiten, reference_model=self.ppo.builds_reference)
         if not ppo.stop_token_ids:
             ppo = dataclasses.replace(ppo, stop_token_ids=tuple(stop_token_ids), pad_token_id=int(pad_token_id))
         return dataclasses.replace(self, ppo=ppo)

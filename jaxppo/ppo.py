@@ -53,7 +53,7 @@ def actor_loss(config: ModelConfig, ppo: PPOConfig, params: dict, batch: dict,
     micro-batches' losses, gradients and aux sum to the minibatch's; ``max_abs_log_ratio`` is a max.
     """
     traj: Trajectory = batch["traj"]
-    mask = traj.response_mask
+    mask = traj.loss_mask  # the response tokens, less the groups dynamic sampling drops
     shared = ppo.critic_role == "shared"
     if denominators is None:
         denominators = update_denominators(batch)
@@ -93,18 +93,18 @@ def critic_loss(config: ModelConfig, ppo: PPOConfig, params: dict, batch: dict,
                 denominators: dict | None = None) -> tuple[Array, dict]:
     """A separate critic's clipped value loss × ``vf_coef``; ``batch`` and ``denominators`` as in :func:`actor_loss`."""
     traj: Trajectory = batch["traj"]
-    tokens = valid_count(traj.response_mask) if denominators is None else denominators["tokens"]
+    tokens = valid_count(traj.loss_mask) if denominators is None else denominators["tokens"]
     values = response_values(config, params, traj.prompt, traj.prompt_mask, traj.response, traj.response_mask)
-    vf, vf_aux = value_loss(values, traj.old_values, traj.returns, traj.response_mask, clip_eps=ppo.value_clip_eps,
+    vf, vf_aux = value_loss(values, traj.old_values, traj.returns, traj.loss_mask, clip_eps=ppo.value_clip_eps,
                             token_count=tokens)
     return ppo.vf_coef * vf, {"value_loss": vf, "value_clip_fraction": vf_aux["clip_fraction"]}
 
 
 def update_denominators(batch: dict) -> dict:
     """What the PPO losses of a minibatch divide by, counted over the whole minibatch before it is split
-    into micro-batches: ``tokens`` (valid response tokens of ``batch["traj"]``), ``rows`` (non-empty
-    responses) and, when ``batch`` has ``ptx``, ``ptx`` (:func:`jaxppo.sft.sft_denominators`)."""
-    mask = batch["traj"].response_mask
+    into micro-batches: ``tokens`` (response tokens in the loss, ``batch["traj"].loss_mask``), ``rows``
+    (non-empty such responses) and, when ``batch`` has ``ptx``, ``ptx`` (:func:`jaxppo.sft.sft_denominators`)."""
+    mask = batch["traj"].loss_mask
     counts = {"tokens": valid_count(mask), "rows": nonempty_rows(mask)}
     if "ptx" in batch:
         counts["ptx"] = sft_denominators(batch["ptx"])
@@ -185,9 +185,10 @@ class PPOState(struct.PyTreeNode):
 
 class FrozenRoles(struct.PyTreeNode):
     """The frozen side of PPO: the reference (KL anchor) and the reward model, as bare params stored
-    in ``ppo.frozen_dtype``; ``reward`` is None when a reward function scores the responses."""
+    in ``ppo.frozen_dtype``; ``reference`` is None when the run builds none (``ppo.builds_reference``:
+    β = 0), ``reward`` when reward functions score the responses."""
 
-    reference: dict
+    reference: dict | None
     reward: dict | None
 
 
@@ -199,8 +200,9 @@ def frozen_params(params: dict, mesh, *, dtype: str | None) -> dict:
 
 
 def frozen_roles(ppo: PPOConfig, mesh, *, reference: dict, reward: dict | None) -> FrozenRoles:
-    """:class:`FrozenRoles` of :func:`frozen_params` in ``ppo.frozen_dtype``."""
-    return FrozenRoles(frozen_params(reference, mesh, dtype=ppo.frozen_dtype),
+    """:class:`FrozenRoles` of :func:`frozen_params` in ``ppo.frozen_dtype``; no reference copy unless
+    ``ppo.builds_reference``."""
+    return FrozenRoles(frozen_params(reference, mesh, dtype=ppo.frozen_dtype) if ppo.builds_reference else None,
                        None if reward is None else frozen_params(reward, mesh, dtype=ppo.frozen_dtype))
 
 
@@ -213,7 +215,8 @@ def init_ppo(config: ModelConfig, ppo: PPOConfig, mesh, *, sft_params: dict, rew
     * critic (only when the estimator needs one and ``ppo.critic="separate"``): the reward model's
       trunk and head (``critic_init="reward_model"``, InstructGPT) or the SFT trunk with a new value
       head (``"sft"``), with ``ppo.critic_learning_rate``;
-    * KL controller at β = ``ppo.kl_coef``; frozen reference = SFT params, reward = ``reward_params``.
+    * KL controller at β = ``ppo.kl_coef``; frozen reference = SFT params (none when
+      ``ppo.builds_reference`` is false), reward = ``reward_params``.
     """
     actor_params = {k: v for k, v in sft_params.items() if k != "value_head"}
     critic = None
@@ -287,7 +290,8 @@ def make_iteration(actor_config: ModelConfig, ppo: PPOConfig, *, critic_config: 
             state, samples, metrics = body(state, frozen, *xs)
             return state, (samples, metrics)
 
-        state, (samples, metrics) = jax.lax.scan(step, state, (prompts, prompt_masks, sample_keys, update_keys, ptx))
+        xs = (prompts, prompt_masks, sample_keys, update_keys, ptx)
+        state, (samples, metrics) = jax.lax.scan(step, state, xs)
         return state, samples, metrics
 
     def unfused_iterations(state, frozen, prompts, prompt_masks, sample_keys, update_keys, ptx=None):

@@ -28,6 +28,9 @@ class PPOConfig:
     sampler_logprobs: bool = False  # old log-probs from the sampler (KV-cache logits): one actor forward pass fewer
     score_micro_batches: int = 1  # the rollout's scoring passes run over this many slices of the batch, in turn
     missing_eos_penalty: float = 1.0  # >= 0; subtracted from the score of a response that never emitted a stop token
+    # DAPO's soft overlong punishment (losses.overlong_penalty): responses in the last this-many tokens before
+    # max_new_tokens lose up to 1, linearly; 0: off
+    overlong_cache_tokens: int = 0
     # rewards and advantages
     kl_coef: float = 0.05  # β >= 0: weight of the KL to the reference policy (initial β when adaptive)
     kl_target: float | None = None  # None: fixed β; else adapt β to this sequence KL (> 0 nats; Ziegler et al. 2019)
@@ -39,8 +42,18 @@ class PPOConfig:
     gamma: float = 1.0  # discount per response token, in [0, 1]
     lam: float = 0.95  # GAE λ in [0, 1]
     whiten_rewards: bool = False  # scale per-token rewards to unit std over the batch (mean kept)
-    whiten_advantages: bool = True  # whiten advantages to mean 0, std 1 over the batch's valid tokens
-    estimator: str = "gae"  # advantage estimator, a name in jaxppo.advantages.ESTIMATORS ("gae": critic + GAE)
+    # whiten advantages to mean 0, std 1 over the batch's valid tokens; None: the estimator's default (gae: on;
+    # group estimators: off, it would undo the group baseline; reinforce++ whitens by itself)
+    whiten_advantages: bool | None = None
+    # advantage estimator, a name in jaxppo.advantages.ESTIMATORS: gae (critic + GAE), grpo, dr_grpo, rloo,
+    # reinforce++, reinforce++_baseline (critic-free: no critic is built)
+    estimator: str = "gae"
+    group_size: int = 1  # responses sampled per prompt (consecutive rows); >= 2 for the group estimators
+    dynamic_sampling: bool = False  # DAPO: groups whose scores are all equal carry no signal: dropped from the loss
+    oversample: int = 1  # dynamic sampling: sample this many × the batch's groups, keep informative groups first
+    # the frozen reference policy: None: built when kl_coef > 0; True: also at β = 0 (its KL is still measured,
+    # e.g. to watch over-optimisation); False: never (needs kl_coef = 0)
+    reference_model: bool | None = None
     # update
     epochs: int = 4  # passes over each rollout batch
     minibatches: int = 4  # minibatches per epoch; must divide batch_size
@@ -87,6 +100,23 @@ class PPOConfig:
                 f"{self.policy_loss!r} not in {tuple(POLICY_LOSSES)}")
         require(self.estimator in ESTIMATORS, "ppo.estimator", f"{self.estimator!r} not in {tuple(ESTIMATORS)}")
         require(self.critic in CRITICS, "ppo.critic", f"{self.critic!r} not in {CRITICS}")
+        # groups of responses per prompt: consecutive rows, never split across score micro-batches' reshapes
+        require(self.group_size >= 1, "ppo.group_size", f"must be >= 1, got {self.group_size}")
+        require(self.batch_size % self.group_size == 0, "ppo.group_size",
+                f"batch_size={self.batch_size} (responses) must be divisible by group_size={self.group_size}")
+        grouped = ESTIMATORS[self.estimator].grouped or self.dynamic_sampling
+        require(not grouped or self.group_size >= 2, "ppo.group_size",
+                f"{'dynamic sampling' if self.dynamic_sampling else f'estimator {self.estimator!r}'} compares the "
+                f"responses to one prompt: needs group_size >= 2, got {self.group_size}")
+        require(self.oversample >= 1, "ppo.oversample", f"must be >= 1, got {self.oversample}")
+        require(0 <= self.overlong_cache_tokens <= self.max_new_tokens, "ppo.overlong_cache_tokens",
+                f"must be in [0, max_new_tokens={self.max_new_tokens}], got {self.overlong_cache_tokens}")
+        require(self.oversample == 1 or self.dynamic_sampling, "ppo.oversample",
+                "over-sampling keeps informative groups first: it needs ppo.dynamic_sampling=True")
+        require(self.reference_model is not False or self.kl_coef == 0, "ppo.reference_model",
+                f"False (no reference) needs ppo.kl_coef=0, got {self.kl_coef}")
+        require(self.builds_reference or self.ref_refresh_every == 0, "ppo.ref_refresh_every",
+                "there is no reference to refresh (ppo.kl_coef=0 builds none; set ppo.reference_model=True)")
         require(self.critic_init in ("reward_model", "sft"), "ppo.critic_init", f"{self.critic_init!r}")
         # rollout
         require_range(self.temperature, "ppo.temperature", gt=0)  # PPO needs a stochastic policy
@@ -136,6 +166,21 @@ class PPOConfig:
         """The KL estimator that runs: ``kl_estimator``, or by default k1 in the reward and k3 as a loss
         (a run's saved config shows it resolved, :meth:`jaxppo.pipeline_config.PipelineConfig.resolved`)."""
         return self.kl_estimator or ("k1" if self.kl_in_reward else "k3")
+
+    @property
+    def whiten(self) -> bool:
+        """Whether advantages are whitened over the batch: ``whiten_advantages``, or the estimator's default."""
+        return ESTIMATORS[self.estimator].whiten if self.whiten_advantages is None else self.whiten_advantages
+
+    @property
+    def builds_reference(self) -> bool:
+        """Whether the run builds the frozen reference: ``reference_model``, or by default when β > 0."""
+        return self.kl_coef > 0 if self.reference_model is None else self.reference_model
+
+    @property
+    def prompts_per_batch(self) -> int:
+        """Prompts sampled per iteration: ``oversample × batch_size / group_size``."""
+        return self.oversample * self.batch_size // self.group_size
 
     @property
     def critic_role(self) -> str:

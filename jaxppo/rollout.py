@@ -15,8 +15,16 @@ pipeline, Ziegler et al. 2019):
 4. per-token rewards −β·KL_t plus the score at the last token (:func:`~jaxppo.advantages.kl_shaped_rewards`),
    optionally whitened without shifting their mean;
 5. advantages and returns from the estimator that ``ppo.estimator`` names in
-   :data:`jaxppo.advantages.ESTIMATORS` (PPO: GAE by reverse scan over the critic's values), then
-   optional advantage whitening.
+   :data:`jaxppo.advantages.ESTIMATORS` (PPO: GAE by reverse scan over the critic's values; GRPO,
+   RLOO, …: group-relative, no critic), then optional advantage whitening.
+
+Critic-free estimators see the batch in groups: rows ``g·n … g·n+n−1`` answer prompt ``g``
+(``n = ppo.group_size``; the caller repeats each prompt n times, :func:`group_prompts`). With
+``ppo.dynamic_sampling`` (DAPO) a group whose scores are all equal carries no signal and is dropped
+from the loss through ``Trajectory.loss_mask``; with ``ppo.oversample = k`` the rollout samples k ×
+the batch's groups, scores them, and keeps the informative groups first (the same static shapes).
+Without a reference (``ppo.builds_reference`` false: β = 0) the reference pass is skipped and the
+KL is 0.
 
 The scoring passes (2–3) can run over ``ppo.score_micro_batches`` slices of the batch in turn
 (:func:`micro_batched`): the same values, a fraction of the activation memory.
@@ -28,7 +36,16 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jaxppo.advantages import ESTIMATORS, AdvantageInputs, explained_variance, kl_shaped_rewards, sequence_sum, whiten
+from jaxppo.advantages import (
+    ESTIMATORS,
+    AdvantageInputs,
+    _groups,
+    explained_variance,
+    kl_shaped_rewards,
+    sequence_sum,
+    whiten,
+)
+from jaxppo.losses import overlong_penalty
 from jaxppo.masking import masked_mean
 from jaxppo.models.config import ModelConfig, cast_params, with_dtype
 from jaxppo.optim import split_micro_batches
@@ -54,6 +71,31 @@ class Trajectory(struct.PyTreeNode):
     kl: Array  # per-token KL estimate to the reference
     advantages: Array
     returns: Array
+    loss_mask: Array  # response_mask without the rows dynamic sampling drops: what the update's losses average over
+
+
+def group_prompts(prompt: Array, prompt_mask: Array, *, group_size: int) -> tuple[Array, Array]:
+    """Each prompt repeated ``group_size`` times in consecutive rows: ``[G, P]`` → ``[G·n, P]``."""
+    return jnp.repeat(prompt, group_size, axis=0), jnp.repeat(prompt_mask, group_size, axis=0)
+
+
+def informative_groups(scores: Array, *, group_size: int) -> Array:
+    """``[B]`` bool: whether the row's group of ``group_size`` consecutive rows has scores that are not
+    all equal (DAPO's dynamic-sampling filter: a group of equal scores has zero group-relative advantages)."""
+    groups = _groups("informative_groups", scores, group_size, "scores")
+    spread = jnp.max(groups, axis=1) > jnp.min(groups, axis=1)
+    return jnp.repeat(spread, group_size)
+
+
+def keep_informative_first(scores: Array, *, group_size: int, groups: int) -> Array:
+    """Row indices ``[groups · group_size]`` of ``groups`` whole groups out of those of ``scores`` ``[M]``:
+    the informative ones (:func:`informative_groups`) first, each kind in sampling order; static shapes."""
+    informative = informative_groups(scores, group_size=group_size)[::group_size]
+    if not 1 <= groups <= informative.shape[0]:
+        raise ValueError(f"keep_informative_first: `groups` must be in [1, {informative.shape[0]}] (the groups of "
+                         f"`scores`), got {groups}")
+    order = jnp.argsort(~informative, stable=True)[:groups]
+    return (order[:, None] * group_size + jnp.arange(group_size)[None, :]).reshape(-1)
 
 
 def micro_batched(fn, batch, *, micro_batches: int):
@@ -81,8 +123,11 @@ def make_rollout(
     ``actor``/``reference``/``reward`` are params (the frozen two computed in ``ppo.frozen_dtype``;
     pass them stored in it, :func:`jaxppo.models.config.cast_params`, to save memory); ``critic``
     is the separate critic's params, or None for a shared-trunk value head (``ppo.critic ==
-    "shared"``) and for estimators without a critic. With ``score_fn(prompt,
-    prompt_mask, response, response_mask) -> [B]`` (a programmatic, verifiable reward) the score
+    "shared"``) and for estimators without a critic; ``reference`` is None when the run builds none
+    (``ppo.builds_reference``). ``prompt`` holds ``ppo.oversample × ppo.batch_size`` rows, each
+    prompt repeated ``ppo.group_size`` times. With ``score_fn(prompt, prompt_mask, response,
+    response_mask) -> [B]`` (a programmatic, verifiable reward, :mod:`jaxppo.rewards`; or ``([B],
+    {name: [B]})``, whose parts are logged as ``reward_<name>``) the score
     comes from it and ``reward`` is ignored; ``reward_pooling`` is the reward model's
     (:func:`jaxppo.sequences.response_scores`). With ``gold_fn`` (same signature, jittable: a task's
     hidden gold reward) the metrics also hold its mean, ``gold_reward``, computed inside the program.
@@ -98,33 +143,62 @@ def make_rollout(
         stop_token_ids=ppo.stop_token_ids, pad_token_id=ppo.pad_token_id,
     )
     shared, separate = ppo.critic_role == "shared", ppo.critic_role == "separate"
+    with_reference = ppo.builds_reference
+
+    def proxy_scores(reward, args):
+        """The reward model's score, or the reward functions' (``score_fn``) with their named parts."""
+        if score_fn is None:
+            return micro_batched(lambda a: response_scores(reward_config, reward, *a, pooling=reward_pooling), args,
+                                 micro_batches=ppo.score_micro_batches), {}
+        out = score_fn(*args)
+        return out if isinstance(out, tuple) else (out, {})
 
     @jax.jit
     def rollout(actor, critic, reference, reward, prompt, prompt_mask, key, kl_coef):
         reference, reward = cast_params((reference, reward), ppo.frozen_dtype)
+        if prompt.shape[0] != ppo.oversample * ppo.batch_size:
+            raise ValueError(f"rollout: {prompt.shape[0]} prompt rows; expected oversample × batch_size = "
+                             f"{ppo.oversample} × {ppo.batch_size} (each prompt repeated group_size times)")
         out = sample(actor_config, actor, prompt, prompt_mask, key, sampling=sampling)
-        response, mask = out.tokens, out.mask
+        response, mask, sampler_logprobs = out.tokens, out.mask, out.logprobs
+        proxy, parts = proxy_scores(reward, (prompt, prompt_mask, response, mask))
+        stopped = jnp.any((mask > 0) & jnp.isin(response, jnp.asarray(ppo.stop_token_ids or (-1,))), axis=1)
+        # without stop tokens no response can stop: there is nothing to penalise
+        penalty = ppo.missing_eos_penalty if ppo.stop_token_ids else 0.0
+        scores = jnp.where(stopped, proxy, proxy - penalty)
+        if ppo.overlong_cache_tokens:  # DAPO: long responses lose up to 1 over the last cache tokens
+            scores = scores + overlong_penalty(jnp.sum(mask, axis=1), max_length=ppo.max_new_tokens,
+                                               cache_length=ppo.overlong_cache_tokens)
+        informative = None
+        if ppo.dynamic_sampling:
+            informative_all = informative_groups(scores, group_size=ppo.group_size)
+            informative_rate = jnp.mean(informative_all.astype(jnp.float32))  # of all sampled groups
+            if ppo.oversample > 1:  # keep ppo.batch_size rows: informative groups first
+                rows = keep_informative_first(scores, group_size=ppo.group_size,
+                                              groups=ppo.batch_size // ppo.group_size)
+                prompt, prompt_mask, response, mask, sampler_logprobs, proxy, scores, stopped = jax.tree.map(
+                    lambda x: x[rows], (prompt, prompt_mask, response, mask, sampler_logprobs, proxy, scores, stopped))
+                parts = {name: x[rows] for name, x in parts.items()}
+            informative = informative_groups(scores, group_size=ppo.group_size)
         args = (prompt, prompt_mask, response, mask)
 
         def score(args):  # the scoring passes over (a micro-batch of) the episodes
-            logprobs, values = None, None
+            logprobs, values, ref_logprobs = None, None, None
             if shared or not ppo.sampler_logprobs:
                 logprobs, values, _ = response_logprobs(actor_config, actor, *args, temperature=ppo.temperature,
                                                         value_head="value_head" if shared else None)
             if separate:
                 values = response_values(critic_config, critic, *args)
-            ref_logprobs, _, _ = response_logprobs(reference_config, reference, *args, temperature=ppo.temperature)
-            proxy = score_fn(*args) if score_fn is not None else response_scores(reward_config, reward, *args,
-                                                                                  pooling=reward_pooling)
-            return logprobs, values, ref_logprobs, proxy
+            if with_reference:
+                ref_logprobs, _, _ = response_logprobs(reference_config, reference, *args,
+                                                       temperature=ppo.temperature)
+            return logprobs, values, ref_logprobs
 
-        old_logprobs, values, ref_logprobs, proxy = micro_batched(score, args, micro_batches=ppo.score_micro_batches)
+        old_logprobs, values, ref_logprobs = micro_batched(score, args, micro_batches=ppo.score_micro_batches)
         if ppo.sampler_logprobs:
-            old_logprobs = out.logprobs
-        stopped = jnp.any((mask > 0) & jnp.isin(response, jnp.asarray(ppo.stop_token_ids or (-1,))), axis=1)
-        # without stop tokens no response can stop: there is nothing to penalise
-        penalty = ppo.missing_eos_penalty if ppo.stop_token_ids else 0.0
-        scores = jnp.where(stopped, proxy, proxy - penalty)
+            old_logprobs = sampler_logprobs
+        if not with_reference:  # β = 0 and no reference built: the KL is 0 by definition
+            ref_logprobs = old_logprobs
         beta = kl_coef if ppo.kl_in_reward else 0.0
         rewards, kl = kl_shaped_rewards(scores, old_logprobs, ref_logprobs, mask, kl_coef=beta,
                                         estimator=ppo.kl_penalty_estimator)
@@ -132,19 +206,24 @@ def make_rollout(
             rewards = whiten(rewards, mask, shift_mean=False)
         hyperparameters = {name: getattr(ppo, name) for name in estimator.hyperparameters}
         advantages, returns = estimator.fn(AdvantageInputs(scores, rewards, values, mask), **hyperparameters)
-        if ppo.whiten_advantages:
-            advantages = whiten(advantages, mask)
+        loss_mask = mask if informative is None else mask * informative[:, None].astype(mask.dtype)
+        if ppo.whiten:
+            advantages = whiten(advantages, loss_mask)
         traj = Trajectory(prompt, prompt_mask, response, mask, old_logprobs, ref_logprobs, values, scores,
-                          rewards, kl, advantages, returns)
+                          rewards, kl, advantages, returns, loss_mask)
         metrics = {
-            "proxy_reward": jnp.mean(proxy),  # the reward model's score, before the missing-EOS penalty
+            "proxy_reward": jnp.mean(proxy),  # the reward model's / functions' score, before the missing-EOS penalty
             "score": jnp.mean(scores),
             "kl": jnp.mean(sequence_sum(kl, mask)),
             "kl_coef": jnp.asarray(kl_coef, jnp.float32),
             "response_length": jnp.mean(jnp.sum(mask, axis=1)),
             "stopped_fraction": jnp.mean(stopped.astype(jnp.float32)),
             "return_mean": masked_mean(returns, mask),
+            **{f"reward_{name}": jnp.mean(x.astype(jnp.float32)) for name, x in parts.items()},
         }
+        if informative is not None:
+            metrics["kept_fraction"] = jnp.mean(informative.astype(jnp.float32))  # rows of the batch in the loss
+            metrics["informative_sampled_fraction"] = informative_rate
         if values is not None:
             metrics.update(value_mean=masked_mean(values, mask),
                            explained_variance=explained_variance(values, returns, mask))

@@ -12,11 +12,16 @@ add one without touching them:
   :mod:`jaxppo.preferences`);
 * ``gold(prompt, prompt_mask, response, response_mask)`` → ``[B]`` float64 on the host, and
   ``gold_fn``: the same as a jittable function (computed inside the PPO program) or None;
-* ``render(...)`` → readable (prompt, response) strings for sample dumps.
+* ``render(...)`` → readable (prompt, response) strings for sample dumps;
+* ``reward_functions`` → the named :class:`~jaxppo.rewards.RewardFunction` s a run may score with
+  instead of a reward model, and ``codec`` (a :class:`~jaxppo.rewards.TextCodec`) for host ones;
+  ``gold_is_accuracy``: the gold reward is a 0/1 verifier (reported as accuracy).
 
-Two tasks ship: :class:`ToyTask` (the embedded, download-free demo of :mod:`jaxppo.toy_task`) and
+Three tasks ship: :class:`ToyTask` (the embedded, download-free RLHF demo of :mod:`jaxppo.toy_task`),
+:class:`AdditionTask` (the embedded verifiable task of :mod:`jaxppo.addition_task`) and
 :class:`TextTask` (prompts from a local file, tokenized with the model's tokenizer and chat
-template; gold reward by name from :data:`GOLD_REWARDS`, e.g. VADER sentiment).
+template; gold reward by name from :data:`GOLD_REWARDS`, e.g. VADER sentiment, or a verifier of
+the prompt file's answers).
 """
 
 from __future__ import annotations
@@ -26,14 +31,16 @@ import functools
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxppo import toy_task
+from jaxppo import addition_task, toy_task
 from jaxppo.config import require
-from jaxppo.data import TextFormat, batch_indices, load_demonstrations, load_preferences, load_prompts, load_rankings
+from jaxppo.data import DataError, TextFormat, batch_indices, load_demonstrations, load_preferences, load_prompts, load_rankings
+from jaxppo.rewards import RewardFunction, TextCodec
 from jaxppo.rng import stream_seed
 
 _log = logging.getLogger(__name__)
@@ -50,15 +57,32 @@ def _vader():
     return SentimentIntensityAnalyzer()
 
 
-def vader_sentiment(texts: list[str]) -> np.ndarray:
-    """VADER compound sentiment in [−1, 1] of each text (Hutto & Gilbert 2014): 1 is most positive."""
+def vader_sentiment(prompts: list[str], responses: list[str], answers: list[str | None]) -> np.ndarray:
+    """VADER compound sentiment in [−1, 1] of each response (Hutto & Gilbert 2014): 1 is most positive."""
     analyzer = _vader()
-    return np.array([analyzer.polarity_scores(t)["compound"] for t in texts], np.float64)
+    return np.array([analyzer.polarity_scores(t)["compound"] for t in responses], np.float64)
 
 
-GOLD_REWARDS: dict[str, tuple[Callable[[list[str]], np.ndarray], float]] = {
-    # name: (score of response texts, best achievable score)
-    "vader": (vader_sentiment, 1.0),
+def _number_match(prompts: list[str], responses: list[str], answers: list[str | None]) -> np.ndarray:
+    from jaxppo.verifiers import number_match
+
+    return number_match(prompts, responses, answers)
+
+
+class GoldReward(NamedTuple):
+    """A gold reward of text: ``fn(prompts, responses, answers) -> [B]`` (a host reward function's
+    signature, :mod:`jaxppo.rewards`), the best achievable score, and whether it is a 0/1 verifier
+    (needs the prompt file's ``answer`` field; reported as accuracy)."""
+
+    fn: Callable[[list[str], list[str], list[str | None]], np.ndarray]
+    best: float
+    is_accuracy: bool = False
+
+
+GOLD_REWARDS: dict[str, GoldReward] = {
+    "vader": GoldReward(vader_sentiment, 1.0),
+    # the last number of the response equals the prompt's `answer` (jaxppo.verifiers.number_match)
+    "number_match": GoldReward(_number_match, 1.0, is_accuracy=True),
 }
 
 
@@ -66,6 +90,8 @@ GOLD_REWARDS: dict[str, tuple[Callable[[list[str]], np.ndarray], float]] = {
 
 class ToyTask:
     """The embedded task of :mod:`jaxppo.toy_task`; its data are drawn from keys ``key_fn(stream, step)``."""
+
+    gold_is_accuracy = False
 
     def __init__(self, config: toy_task.ToyTaskConfig, key_fn: Callable[[str, int], Array], eval_prompts: int = 512):
         self.config = config
@@ -80,6 +106,9 @@ class ToyTask:
         self._eval = toy_task.sample_prompts(config, key_fn("eval", 0), eval_prompts)
         self.gold_fn = functools.partial(toy_task.gold_reward, config)  # jittable: computed inside PPO programs
         self._gold = jax.jit(self.gold_fn)
+        # RL on the hidden gold reward itself: the oracle setting (no reward model to over-optimise)
+        self.reward_functions = {"gold": RewardFunction(self.gold_fn)}
+        self.codec = None
 
     def prompts(self, stream: str, step: int, n: int):
         return toy_task.sample_prompts(self.config, self._key(f"{stream}-prompts", step), n)
@@ -104,6 +133,62 @@ class ToyTask:
             return " ".join(str(int(t)) for t, m in zip(tokens, mask) if m)
 
         return [{"prompt": words(p, pm), "response": words(r, rm)}
+                for p, pm, r, rm in zip(*map(np.asarray, (prompt, prompt_mask, response, response_mask)))]
+
+
+# -------------------------------------------------------------------------------- addition task
+
+class AdditionTask:
+    """The embedded verifiable task of :mod:`jaxppo.addition_task`; data drawn from keys ``key_fn(stream, step)``.
+
+    Its gold reward is ``exact_match`` (so the gold reward is the accuracy); its reward functions are
+    ``exact_match`` and ``format`` (jittable) and ``exact_match_text`` (the same check as a host
+    function of decoded text)."""
+
+    gold_is_accuracy = True
+
+    def __init__(self, config: addition_task.AdditionTaskConfig, key_fn: Callable[[str, int], Array],
+                 eval_prompts: int = 512):
+        self.config = config
+        self._key = key_fn
+        self.vocab_size = config.vocab_size
+        self.stop_token_ids = (addition_task.EOS,)
+        self.pad_token_id = addition_task.PAD
+        self.max_response_tokens = config.max_response_tokens
+        self.optimal_gold = config.optimal_gold
+        self.tokenizer = None
+        self.preference_beta = config.preference_beta
+        self._eval = addition_task.eval_problems(config, eval_prompts)
+        self.gold_fn = functools.partial(addition_task.exact_match, config)
+        self._gold = jax.jit(self.gold_fn)
+        self.reward_functions = {
+            "exact_match": RewardFunction(self.gold_fn),
+            "format": RewardFunction(functools.partial(addition_task.format_reward, config)),
+            "exact_match_text": RewardFunction(addition_task.exact_match_text, host=True),
+        }
+        self.codec = TextCodec(decode=lambda tokens, mask: [addition_task.render(t, m) for t, m in zip(tokens, mask)],
+                               answers=lambda prompt, prompt_mask: [None] * len(prompt))
+
+    def prompts(self, stream: str, step: int, n: int):
+        return addition_task.sample_prompts(self.config, self._key(f"{stream}-prompts", step), n)
+
+    def eval_prompts(self):
+        return self._eval
+
+    def demonstrations(self, stream: str, step: int, n: int, prompts=None) -> dict:
+        prompt, prompt_mask = prompts if prompts is not None else self.prompts(stream, step, n)
+        response, response_mask = addition_task.demonstrations(self.config, self._key(f"{stream}-demos", step),
+                                                               prompt, prompt_mask)
+        return {"prompt": prompt, "prompt_mask": prompt_mask, "response": response, "response_mask": response_mask}
+
+    def preference_file(self):
+        return None
+
+    def gold(self, prompt, prompt_mask, response, response_mask) -> np.ndarray:
+        return np.asarray(self._gold(prompt, prompt_mask, response, response_mask), np.float64)
+
+    def render(self, prompt, prompt_mask, response, response_mask) -> list[dict]:
+        return [{"prompt": addition_task.render(p, pm), "response": addition_task.render(r, rm)}
                 for p, pm, r, rm in zip(*map(np.asarray, (prompt, prompt_mask, response, response_mask)))]
 
 
@@ -138,7 +223,12 @@ class TextTaskConfig:
 
     @property
     def optimal_gold(self) -> float:
-        return GOLD_REWARDS[self.gold][1]
+        return GOLD_REWARDS[self.gold].best
+
+    @property
+    def reward_function_names(self) -> tuple[str, ...]:
+        """Reward functions a run may score with (``reward_functions``): the gold reward, as a host function."""
+        return (self.gold,)
 
     @property
     def text_format(self) -> TextFormat:
@@ -217,7 +307,21 @@ class TextTask:
         self.optimal_gold = config.optimal_gold
         self.preference_beta = config.preference_beta
         self.gold_fn = None  # the gold reward reads decoded text: computed on the host
-        self._score = GOLD_REWARDS[config.gold][0]
+        gold = GOLD_REWARDS[config.gold]
+        self._score, self.gold_is_accuracy = gold.fn, gold.is_accuracy
+        # ground truth by prompt tokens: the host reward functions see token ids, and look their answer up
+        self._answers, self._token_dtype = {}, prompts.prompt.dtype
+        answers = getattr(prompts, "answers", None) or (None,) * len(prompts)
+        for row, answer in enumerate(answers):
+            key = prompts.prompt[row][prompts.prompt_mask[row] > 0].tobytes()
+            if self._answers.get(key, answer) != answer:
+                raise DataError(f"{config.prompts}: the prompt {prompts.texts[row]!r} appears with two answers, "
+                                f"{self._answers[key]!r} and {answer!r}")
+            self._answers[key] = answer
+        require(not gold.is_accuracy or any(a is not None for a in answers), "task.gold",
+                f"{config.gold!r} checks responses against the prompts' `answer` field; {config.prompts} has none")
+        self.reward_functions = {config.gold: RewardFunction(self._score, host=True)}
+        self.codec = TextCodec(decode=self.texts, answers=self.answers)
 
     def _stream_seed(self, stream: str) -> int:
         return stream_seed(self.seed, stream)
@@ -246,14 +350,23 @@ class TextTask:
     def preference_file(self) -> dict | None:
         return self._preferences
 
+    def texts(self, tokens, mask, *, skip_special_tokens: bool = True) -> list[str]:
+        """Decoded text of each row's valid tokens."""
+        return [self.tokenizer.decode([int(t) for t, m in zip(r, rm) if m], skip_special_tokens=skip_special_tokens)
+                for r, rm in zip(np.asarray(tokens), np.asarray(mask))]
+
     def response_texts(self, response, response_mask) -> list[str]:
-        return [self.tokenizer.decode([int(t) for t, m in zip(r, rm) if m], skip_special_tokens=True)
-                for r, rm in zip(np.asarray(response), np.asarray(response_mask))]
+        return self.texts(response, response_mask)
+
+    def answers(self, prompt, prompt_mask) -> list[str | None]:
+        """Each prompt's ``answer`` from the prompt file (None where it has none or is not from the file)."""
+        prompt, prompt_mask = np.asarray(prompt), np.asarray(prompt_mask)
+        return [self._answers.get(p[m > 0].astype(self._token_dtype).tobytes()) for p, m in zip(prompt, prompt_mask)]
 
     def gold(self, prompt, prompt_mask, response, response_mask) -> np.ndarray:
-        return self._score(self.response_texts(response, response_mask))
+        return self._score(self.texts(prompt, prompt_mask), self.response_texts(response, response_mask),
+                           self.answers(prompt, prompt_mask))
 
     def render(self, prompt, prompt_mask, response, response_mask) -> list[dict]:
-        prompts = [self.tokenizer.decode([int(t) for t, m in zip(p, pm) if m])
-                   for p, pm in zip(np.asarray(prompt), np.asarray(prompt_mask))]
+        prompts = self.texts(prompt, prompt_mask, skip_special_tokens=False)
         return [{"prompt": p, "response": r} for p, r in zip(prompts, self.response_texts(response, response_mask))]

@@ -75,6 +75,11 @@ class ToyTaskConfig:
         return 3 + self.context_words
 
     @property
+    def reward_function_names(self) -> tuple[str, ...]:
+        """Reward functions a run may score with instead of a reward model: the gold reward itself (an oracle)."""
+        return ("gold",)
+
+    @property
     def optimal_gold(self) -> float:
         """The best gold reward any response can get."""
         return float(min(self.words_per_topic, self.max_response_tokens - 1))

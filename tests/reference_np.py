@@ -448,3 +448,194 @@ def adaptive_kl_ref(kl_coef, kl, n_steps, target, horizon):
     e = float(kl) / float(target) - 1.0
     e = min(max(e, -0.2), 0.2)
     return float(kl_coef) * (1.0 + e * float(n_steps) / float(horizon))
+
+
+# ----------------------------------------------------------------------------
+# 12. critic-free estimators (REINFORCE / GRPO / Dr. GRPO / RLOO / REINFORCE++)
+# ----------------------------------------------------------------------------
+
+
+def reward_to_go_ref(rewards, mask, gamma):
+    """G_t = sum over valid k >= t of gamma^(k - t) r_k; 0 at masked positions.
+
+    Written as the explicit double sum (no recursion), so it is independent of a reverse scan.
+    """
+    rewards = _f64(rewards)
+    B, T = rewards.shape
+    lengths = _row_lengths(mask)
+    out = np.zeros((B, T), dtype=np.float64)
+    gamma = float(gamma)
+    for b in range(B):
+        L = lengths[b]
+        for t in range(L):
+            g = 0.0
+            for k in range(t, L):
+                g += gamma ** (k - t) * rewards[b, k]
+            out[b, t] = g
+    return out
+
+
+def sequence_return_ref(rewards, mask):
+    """R_b = sum of the valid rewards of row b ([B]); 0 for an empty row."""
+    rewards = _f64(rewards)
+    lengths = _row_lengths(mask)
+    out = np.zeros(rewards.shape[0], dtype=np.float64)
+    for b in range(rewards.shape[0]):
+        total = 0.0
+        for t in range(lengths[b]):
+            total += rewards[b, t]
+        out[b] = total
+    return out
+
+
+def group_relative_ref(returns, group_size, kind, eps=1e-6):
+    """Per-response advantages of contiguous groups of ``group_size`` rows ([B] -> [B]).
+
+    kind 'grpo':    (R_i - mean_g) / (sample std_g (ddof = 1) + eps)
+    kind 'dr_grpo': R_i - mean_g
+    kind 'rloo':    R_i - mean of the other n - 1 returns of the group
+    """
+    returns = _f64(returns)
+    n = int(group_size)
+    out = np.zeros(returns.shape[0], dtype=np.float64)
+    for start in range(0, returns.shape[0], n):
+        group = [float(returns[start + j]) for j in range(n)]
+        mean = sum(group) / n
+        std = math.sqrt(sum((r - mean) ** 2 for r in group) / (n - 1))
+        for j in range(n):
+            if kind == "grpo":
+                out[start + j] = (group[j] - mean) / (std + eps)
+            elif kind == "dr_grpo":
+                out[start + j] = group[j] - mean
+            elif kind == "rloo":
+                others = [group[k] for k in range(n) if k != j]
+                out[start + j] = group[j] - sum(others) / (n - 1)
+            else:
+                raise ValueError(f"unknown group estimator: {kind!r}")
+    return out
+
+
+def per_token_ref(sequence_values, mask):
+    """[B] -> [B, T]: row b's value on its valid tokens, 0 on padding."""
+    sequence_values = _f64(sequence_values)
+    mask = _f64(mask)
+    B, T = mask.shape
+    lengths = _row_lengths(mask)
+    out = np.zeros((B, T), dtype=np.float64)
+    for b in range(B):
+        for t in range(lengths[b]):
+            out[b, t] = sequence_values[b]
+    return out
+
+
+def group_center_scores_ref(rewards, scores, mask, group_size):
+    """Rewards with the group-mean score subtracted at each row's last valid token (REINFORCE++-baseline).
+
+    The group mean is over all ``group_size`` scores of the group, an empty row's included (its score
+    is still a sample of the prompt's reward); an empty row itself has no token to carry it, so its
+    output is all 0. Other valid tokens keep their reward; padding is 0.
+    """
+    rewards = _f64(rewards)
+    scores = _f64(scores)
+    n = int(group_size)
+    B, T = rewards.shape
+    lengths = _row_lengths(mask)
+    out = np.zeros((B, T), dtype=np.float64)
+    for b in range(B):
+        start = (b // n) * n
+        group_mean = sum(float(scores[start + j]) for j in range(n)) / n
+        L = lengths[b]
+        for t in range(L):
+            out[b, t] = rewards[b, t]
+        if L > 0:
+            out[b, L - 1] -= group_mean
+    return out
+
+
+def reinforce_pp_ref(rewards, mask, gamma, eps=1e-8):
+    """REINFORCE++: the reward-to-go whitened over all valid tokens (population variance)."""
+    return whiten_ref(reward_to_go_ref(rewards, mask, gamma), mask, shift_mean=True, eps=eps)
+
+
+def gspo_token_advantages_ref(logprobs, old_logprobs, advantages, mask, clip_eps, clip_eps_high=None):
+    """GSPO loss with per-token advantages [B, T]; returns (loss, clip_fraction).
+
+    A_i = mean of row i's valid advantages, s_i = exp(mean_t over valid t of (logpi - logpi_old)),
+    loss = -mean over non-empty rows of min(s_i A_i, clip(s_i, 1 - eps_low, 1 + eps_high) A_i);
+    clip_fraction = fraction of non-empty rows where the clipped term is strictly the smaller.
+    """
+    logprobs = _f64(logprobs)
+    old_logprobs = _f64(old_logprobs)
+    advantages = _f64(advantages)
+    lengths = _row_lengths(mask)
+    eps_low = float(clip_eps)
+    eps_high = eps_low if clip_eps_high is None else float(clip_eps_high)
+    terms = []
+    n_clipped = 0
+    for b in range(logprobs.shape[0]):
+        L = lengths[b]
+        if L == 0:
+            continue
+        log_ratio_sum = 0.0
+        adv_sum = 0.0
+        for t in range(L):
+            log_ratio_sum += logprobs[b, t] - old_logprobs[b, t]
+            adv_sum += advantages[b, t]
+        s = math.exp(log_ratio_sum / L)
+        a = adv_sum / L
+        clipped_s = min(max(s, 1.0 - eps_low), 1.0 + eps_high)
+        terms.append(min(s * a, clipped_s * a))
+        if clipped_s * a < s * a:
+            n_clipped += 1
+    if not terms:
+        return 0.0, 0.0
+    return -sum(terms) / len(terms), n_clipped / len(terms)
+
+
+def gspo_unclipped_grad_ref(logprobs, old_logprobs, advantages, mask):
+    """d/d logprobs of -(1/S) sum_i s_i A_i (A_i: row mean of the token advantages), by hand:
+
+    d s_i / d logpi_it = s_i / |y_i| on valid t, so the gradient is -(1/S) A_i s_i / |y_i| there, 0 elsewhere.
+    """
+    logprobs = _f64(logprobs)
+    old_logprobs = _f64(old_logprobs)
+    advantages = _f64(advantages)
+    B, T = logprobs.shape
+    lengths = _row_lengths(mask)
+    S = sum(1 for L in lengths if L > 0)
+    grad = np.zeros((B, T), dtype=np.float64)
+    for b in range(B):
+        L = lengths[b]
+        if L == 0:
+            continue
+        s = math.exp(sum(logprobs[b, t] - old_logprobs[b, t] for t in range(L)) / L)
+        a = sum(advantages[b, t] for t in range(L)) / L
+        for t in range(L):
+            grad[b, t] = -a * s / L / S
+    return grad
+
+
+def informative_groups_ref(scores, group_size):
+    """[B] bools: the row's group (contiguous rows of ``group_size``) has scores that are not all equal."""
+    scores = [float(s) for s in _f64(scores).reshape(-1)]
+    n = int(group_size)
+    out = []
+    for start in range(0, len(scores), n):
+        group = scores[start:start + n]
+        informative = any(s != group[0] for s in group)
+        out.extend([informative] * n)
+    return np.asarray(out, dtype=bool)
+
+
+def keep_informative_first_ref(scores, group_size, groups):
+    """Row indices of the first ``groups`` whole groups in the order: informative groups in sampling
+    order, then the uninformative ones in sampling order."""
+    flags = informative_groups_ref(scores, group_size)
+    n = int(group_size)
+    n_groups = len(flags) // n
+    informative = [g for g in range(n_groups) if flags[g * n]]
+    rest = [g for g in range(n_groups) if not flags[g * n]]
+    rows = []
+    for g in (informative + rest)[:groups]:
+        rows.extend(range(g * n, g * n + n))
+    return np.asarray(rows, dtype=np.int64)

@@ -90,6 +90,19 @@ def refused(config, *assignments: str) -> str:
     (["seed=4294967296"], "seed"),
     (["seed=-1"], "seed"),
     (["mesh.data=-1", "mesh.tensor=-1"], "mesh.tensor"),
+    # the critic-free family (tiny: batch_size 16, reward model online every 2 iterations)
+    (["ppo.estimator=grpo"], "ppo.group_size"),  # a group estimator with one response per prompt
+    (["ppo.estimator=rloo", "ppo.group_size=3"], "ppo.group_size"),  # 16 responses are not groups of 3
+    (["ppo.group_size=0"], "ppo.group_size"),
+    (["ppo.dynamic_sampling=true"], "ppo.group_size"),
+    (["ppo.oversample=2"], "ppo.oversample"),  # over-sampling needs dynamic sampling
+    (["ppo.estimator=grpo", "ppo.group_size=4", "ppo.dynamic_sampling=true", "ppo.oversample=0"], "ppo.oversample"),
+    (["ppo.reference_model=false"], "ppo.reference_model"),  # β = 0.05 needs the reference
+    (["ppo.kl_coef=0", "ppo.ref_refresh_every=2"], "ppo.ref_refresh_every"),  # no reference to refresh
+    (["reward_functions=exact_match"], "reward_functions"),  # not a function of the toy task
+    (["reward_functions=gold", "reward_weights=1,2"], "reward_weights"),
+    (["reward_functions=gold"], "reward_model.online_every"),  # online refreshes retrain a reward model
+    (["reward_functions=gold", "reward_model.online_every=0"], "ppo.critic_init"),  # no reward model to start from
 ])
 def test_meaningless_values_are_refused_naming_the_field(tiny, assignments, field):
     message = refused(tiny, *assignments)
@@ -131,7 +144,8 @@ def test_every_float_field_refuses_nan_and_inf_naming_itself(tiny):
     for key in keys:
         for value in ("nan", "inf", "-inf"):
             message = refused(config, f"{key}={value}")
-            assert message.startswith(f"config field `{key}`: "), message
+            # a tuple of floats names the element: `reward_weights[0]`
+            assert message.startswith((f"config field `{key}`: ", f"config field `{key}[0]`: ")), message
 
 
 def test_every_float_of_the_text_task_is_checked_too(tmp_path, tiny):

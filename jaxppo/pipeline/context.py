@@ -40,7 +40,8 @@ from jaxppo.rng import stream_key
 from jaxppo.sampling import SamplingParams, make_sampler
 from jaxppo.sequences import response_scores
 from jaxppo.sharding import make_mesh, shard_batch, shard_tree, to_host
-from jaxppo.tasks import TextTask, TextTaskConfig, ToyTask
+from jaxppo.addition_task import AdditionTaskConfig
+from jaxppo.tasks import AdditionTask, TextTask, TextTaskConfig, ToyTask
 
 STAGES = ("sft", "reward_model", "ppo")
 CHECKPOINTED = (*STAGES, "preference_data")
@@ -60,7 +61,7 @@ class RunContext:
     mesh: Mesh
     root_key: jax.Array  # jax.random.key(config.seed)
     logger: RunLogger | NullLogger  # a NullLogger on every process but 0
-    task: ToyTask | TextTask
+    task: ToyTask | AdditionTask | TextTask
     checkpoints: Mapping[str, StageCheckpoints]  # per stage; empty when checkpoints are off
 
     def key(self, stream: str, step: int = 0) -> jax.Array:
@@ -81,11 +82,11 @@ def _scorer(model: ModelConfig, pooling: str):
     return jax.jit(functools.partial(response_scores, model, pooling=pooling))
 
 
-def sample(ctx: RunContext, params: dict, prompt, prompt_mask, key: jax.Array):
+def sample(ctx: RunContext, params: dict, prompt, prompt_mask, key: jax.Array, *, greedy: bool = False):
     """Responses ``(tokens, mask)`` of the policy ``params`` for any number of prompts, in sampler
-    batches of ``eval_batch_size`` (PPO's temperature / top-k / top-p, stopping at the task's EOS)."""
+    batches of ``eval_batch_size`` (PPO's temperature / top-k / top-p, or greedy; stopping at the task's EOS)."""
     c = ctx.config
-    sampling = SamplingParams(max_new_tokens=ctx.task.max_response_tokens, temperature=c.ppo.temperature,
+    sampling = SamplingParams(max_new_tokens=ctx.task.max_response_tokens, temperature=0.0 if greedy else c.ppo.temperature,
                               top_k=c.ppo.top_k, top_p=c.ppo.top_p, stop_token_ids=ctx.task.stop_token_ids,
                               pad_token_id=ctx.task.pad_token_id)
     sampler = _sampler(c.model, sampling)
@@ -109,12 +110,18 @@ def score(ctx: RunContext, reward_params: dict, *args) -> jax.Array:
 def evaluate(ctx: RunContext, params: dict, reward_params: dict | None = None, i: int = 0,
              samples_file: str = "") -> dict:
     """Gold (and proxy) reward of fresh samples of the policy on the fixed evaluation prompts;
-    writes the first ``num_samples`` of them to ``samples_file`` when given."""
+    writes the first ``num_samples`` of them to ``samples_file`` when given. For a task whose gold
+    reward is a verifier, also ``accuracy`` (of those samples, at PPO's temperature) and
+    ``greedy_accuracy`` (of greedy responses)."""
     prompt, prompt_mask = ctx.task.eval_prompts()
     response, mask = sample(ctx, params, prompt, prompt_mask, ctx.key("eval-sample", i))
     args = tuple(to_host(a) for a in (prompt, prompt_mask, response, mask))
     gold = ctx.task.gold(*args)
     result = {"gold_reward": float(np.mean(gold)), "response_length": float(np.mean(np.sum(args[3], 1)))}
+    if ctx.task.gold_is_accuracy:
+        result["accuracy"] = result["gold_reward"]
+        greedy = sample(ctx, params, prompt, prompt_mask, ctx.key("eval-sample", i), greedy=True)
+        result["greedy_accuracy"] = float(np.mean(ctx.task.gold(*args[:2], *map(to_host, greedy))))
     proxy = None
     if reward_params is not None:
         proxy = to_host(score(ctx, reward_params, *args))
@@ -353,6 +360,8 @@ def open_run(config: PipelineConfig, run_dir: str | Path) -> Iterator[tuple[RunC
             task = TextTask(config.task, tokenizer, seed=config.seed, vocab_size=config.model.vocab_size)
             print(f"prompts: {config.task.prompts}: {task.num_truncated_prompts} truncated to "
                   f"{config.task.max_prompt_tokens} tokens")
+        elif isinstance(config.task, AdditionTaskConfig):
+            task = AdditionTask(config.task, functools.partial(stream_key, root_key))
         else:
             task = ToyTask(config.task, functools.partial(stream_key, root_key))
         config = config.resolved(stop_token_ids=task.stop_token_ids, pad_token_id=task.pad_token_id)

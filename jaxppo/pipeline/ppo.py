@@ -24,6 +24,8 @@ from jaxppo.optim import check_updates_applied, skipped_updates
 from jaxppo.pipeline.context import RunContext, resume, save
 from jaxppo.pipeline.reward import RewardModel, refresh_reward_model
 from jaxppo.ppo import frozen_params, init_ppo, make_iteration
+from jaxppo.rewards import make_score_fn
+from jaxppo.rollout import group_prompts
 from jaxppo.sharding import shard_batch, to_host
 
 SAMPLE_KEYS = ("prompt", "prompt_mask", "response", "response_mask")
@@ -62,12 +64,22 @@ def _stacked(batches: list):
     return jax.tree.map(lambda *xs: jnp.stack(xs), *batches)
 
 
-def ppo_stage(ctx: RunContext, sft_params: dict, reward: RewardModel) -> tuple[dict, RewardModel]:
-    """PPO against the reward model; returns the final actor params and the (refreshed) reward model."""
+def reward_score_fn(ctx: RunContext):
+    """The rollout's ``score_fn`` of the run's reward functions (:mod:`jaxppo.rewards`), or None: the reward model."""
+    c = ctx.config
+    if not c.reward_functions:
+        return None
+    functions = {name: ctx.task.reward_functions[name] for name in c.reward_functions}
+    return make_score_fn(functions, c.reward_weights, codec=ctx.task.codec)
+
+
+def ppo_stage(ctx: RunContext, sft_params: dict, reward: RewardModel | None) -> tuple[dict, RewardModel | None]:
+    """RL (PPO or a critic-free estimator) against the reward model, or the reward functions when
+    ``reward`` is None; returns the final actor params and the (refreshed) reward model."""
     c, ppo = ctx.config, ctx.config.ppo
     online, refresh = c.reward_model.online_every, ppo.ref_refresh_every > 0
-    state, frozen = init_ppo(c.model, ppo, ctx.mesh, sft_params=sft_params, reward_params=reward.params,
-                             key=ctx.key("value-head"))
+    state, frozen = init_ppo(c.model, ppo, ctx.mesh, sft_params=sft_params,
+                             reward_params=None if reward is None else reward.params, key=ctx.key("value-head"))
 
     def checkpoint_items(state, frozen, reward):
         return {"actor": state.actor, "critic": state.critic, "kl": state.kl,
@@ -84,7 +96,8 @@ def ppo_stage(ctx: RunContext, sft_params: dict, reward: RewardModel) -> tuple[d
             reward = reward._replace(params=items["rm_params"], state=items["rm_state"],
                                      train={k: np.asarray(v) for k, v in items["rm_data"].items()})
             frozen = frozen.replace(reward=frozen_params(reward.params, ctx.mesh, dtype=ppo.frozen_dtype))
-    iterate = make_iteration(c.model, ppo, reward_pooling=c.reward_model.pooling, gold_fn=ctx.task.gold_fn)
+    iterate = make_iteration(c.model, ppo, reward_pooling=c.reward_model.pooling, score_fn=reward_score_fn(ctx),
+                             gold_fn=ctx.task.gold_fn)
     roles = {"actor": ("ppo.learning_rate", ppo.learning_rate)}
     if state.critic is not None:
         roles["critic"] = ("ppo.critic_learning_rate" if ppo.critic_learning_rate else "ppo.learning_rate",
@@ -92,7 +105,7 @@ def ppo_stage(ctx: RunContext, sft_params: dict, reward: RewardModel) -> tuple[d
     # skip counts, checked per iteration at the host syncs of logged calls (the last call logs)
     skipped = jax.device_get({role: skipped_updates(getattr(state, role)) for role in roles})
     unchecked = []  # (first iteration, {role: cumulative skip counts [K]}) of calls since the last check
-    bar = ctx.logger.progress(ppo.iterations - start, desc="PPO")
+    bar = ctx.logger.progress(ppo.iterations - start, desc=ppo.estimator.upper() if ppo.estimator != "gae" else "PPO")
     it = start
     while it < ppo.iterations:
         if online and it > 0 and it % online == 0:
@@ -100,7 +113,9 @@ def ppo_stage(ctx: RunContext, sft_params: dict, reward: RewardModel) -> tuple[d
             frozen = frozen.replace(reward=frozen_params(reward.params, ctx.mesh, dtype=ppo.frozen_dtype))
         k = iterations_in_call(it, iterations=ppo.iterations, per_call=ppo.iterations_per_call,
                                host_every=(c.checkpoint.every_iterations, online, ppo.ref_refresh_every))
-        prompts = [shard_batch(ctx.task.prompts("ppo", it + j, ppo.batch_size), ctx.mesh) for j in range(k)]
+        # each prompt group_size times in consecutive rows (a group), oversample × the batch's groups
+        prompts = [shard_batch(group_prompts(*ctx.task.prompts("ppo", it + j, ppo.prompts_per_batch),
+                                             group_size=ppo.group_size), ctx.mesh) for j in range(k)]
         ptx = None
         if ppo.ptx_coef > 0:
             ptx = _stacked([shard_batch(ctx.task.demonstrations("ppo-ptx", it + j, ppo.batch_size, prompts[j]),
@@ -121,7 +136,7 @@ def ppo_stage(ctx: RunContext, sft_params: dict, reward: RewardModel) -> tuple[d
             if ctx.task.gold_fn is None:
                 row["gold_reward"] = np.mean(ctx.task.gold(*(samples[name][j] for name in SAMPLE_KEYS)))
             row = ctx.logger.log("ppo", it + j, row)
-            bar.set_postfix({name: row[name] for name in ("gold_reward", "proxy_reward", "kl")})
+            bar.set_postfix({name: row[name] for name in ("gold_reward", "proxy_reward", "kl") if name in row})
         it += k
         bar.update(k)
         if refresh and it % ppo.ref_refresh_every == 0:

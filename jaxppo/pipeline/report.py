@@ -35,15 +35,20 @@ def write_summary(ctx: RunContext, *, sft_eval: dict, final_eval: dict, reward_r
     gap = c.task.optimal_gold - sft_eval["gold_reward"]
     summary = {
         "sft_gold_reward": sft_eval["gold_reward"],
-        "sft_proxy_reward": sft_eval["proxy_reward"],
+        "sft_proxy_reward": sft_eval.get("proxy_reward"),  # None without a reward model (reward functions)
         "final_gold_reward": final_eval["gold_reward"],
-        "final_proxy_reward": final_eval["proxy_reward"],
+        "final_proxy_reward": final_eval.get("proxy_reward"),
         "optimal_gold_reward": c.task.optimal_gold,
         "gap_closed": (final_eval["gold_reward"] - sft_eval["gold_reward"]) / max(gap, 1e-9),
+        "estimator": c.ppo.estimator,
+        "reward": list(c.reward_functions) or "reward_model",
         "reward_model": reward_result,
         "num_processes": jax.process_count(),
         "mesh": dict(ctx.mesh.shape),
     }
+    if ctx.task.gold_is_accuracy:  # held-out accuracy: sampled at PPO's temperature, and greedy
+        for name in ("accuracy", "greedy_accuracy"):
+            summary[f"sft_{name}"], summary[f"final_{name}"] = sft_eval[name], final_eval[name]
     if isinstance(ctx.task, TextTask):
         summary["prompts_truncated"] = ctx.task.num_truncated_prompts
     if c.export_hf:
@@ -54,11 +59,12 @@ def write_summary(ctx: RunContext, *, sft_eval: dict, final_eval: dict, reward_r
             summary["actor_hf"] = str(save_pretrained(logger.run_dir / "actor_hf", c.model, host_params,
                                                       ctx.task.tokenizer))
     _plot(logger, "ppo", ["gold_reward", "proxy_reward", "kl"], filename="ppo.png",
-          title="PPO: gold vs proxy reward and KL to the reference")
+          title=f"RL ({c.ppo.estimator}): gold vs proxy reward and KL to the reference")
     if c.sft.steps:
         _plot(logger, "sft", ["loss"], filename="sft.png", title="SFT: NLL of demonstration tokens")
-    _plot(logger, "reward_model", ["loss", "accuracy"], filename="reward_model.png",
-          title="Reward model: training loss and pairwise accuracy")
+    if not c.reward_functions:
+        _plot(logger, "reward_model", ["loss", "accuracy"], filename="reward_model.png",
+              title="Reward model: training loss and pairwise accuracy")
     summary["wall_seconds"] = time.perf_counter() - start_time
     logger.write_json("summary.json", summary)
     return summary
