@@ -33,7 +33,7 @@ Array = jax.Array
 PAD, BOS, EOS, PLUS, EQUALS = 0, 1, 2, 3, 4
 DIGIT0 = 5  # token of digit k: DIGIT0 + k
 VOCAB_SIZE = DIGIT0 + 10
-SYMBOLS = {PAD: "", BOS: "", EOS: "", PLUS: "+", EQUALS: "="}
+SYMBOLS = {PAD: "<pad>", BOS: "<s>", EOS: "</s>", PLUS: "+", EQUALS: "="}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +42,7 @@ class AdditionTaskConfig:
     demo_error_prob: float = 0.5  # a demonstration is wrong (a forgotten carry, a digit off by one) with this chance
     eval_modulus: int = 10  # about 1 problem in this many is held out for evaluation (a fixed random split)
     extra_response_tokens: int = 2  # room past the answer's digits + EOS (a wrong response may run longer)
-    preference_beta: float = 4.0  # unused here (no preference data); kept for the task interface
+    preference_beta: float = 4.0  # a run with a reward model: its labels P(a ≻ b) = σ(β (gold_a − gold_b))
 
     def __post_init__(self):
         require(1 <= self.digits <= 3, "task.digits", f"must be in [1, 3], got {self.digits}")
@@ -146,6 +146,8 @@ def format_reward(task: AdditionTaskConfig, prompt: Array, prompt_mask: Array, r
                   response_mask: Array) -> Array:
     """1.0 where the response is ``digits + 1`` digits then EOS (a well-formed answer, right or wrong). Jittable."""
     n = task.answer_length
+    if response.shape[1] < n + 1:
+        return jnp.zeros(response.shape[:1], jnp.float32)
     valid = response_mask > 0
     is_digit = (response >= DIGIT0) & (response < DIGIT0 + 10)
     ok = jnp.all(is_digit[:, :n] & valid[:, :n], axis=1) & (response[:, n] == EOS) & (jnp.sum(valid, axis=1) == n + 1)
@@ -153,12 +155,13 @@ def format_reward(task: AdditionTaskConfig, prompt: Array, prompt_mask: Array, r
 
 
 def render(tokens, mask) -> str:
-    """Tokens as text: digits, ``+``, ``=``, and ``</s>`` for EOS (BOS and padding dropped)."""
+    """Valid tokens as text: digits, ``+``, ``=``, ``</s>`` for EOS, and a leading BOS dropped (a prompt's);
+    any other BOS or PAD shows as ``<s>`` / ``<pad>``, so a response that holds one never reads as an answer."""
     out = []
-    for t, m in zip(np.asarray(tokens), np.asarray(mask)):
-        if m:
-            t = int(t)
-            out.append(str(t - DIGIT0) if DIGIT0 <= t < DIGIT0 + 10 else ("</s>" if t == EOS else SYMBOLS.get(t, "?")))
+    for i, t in enumerate(int(t) for t, m in zip(np.asarray(tokens), np.asarray(mask)) if m):
+        if i == 0 and t == BOS:
+            continue
+        out.append(str(t - DIGIT0) if DIGIT0 <= t < DIGIT0 + 10 else SYMBOLS.get(t, "?"))
     return "".join(out)
 
 
@@ -183,15 +186,16 @@ def demonstrations(task: AdditionTaskConfig, key: Array, prompt: Array, prompt_m
     one — then EOS and padding."""
     a, b = operands(task, prompt, prompt_mask)
     n, length = a.shape[0], task.max_response_tokens
-    k_wrong, k_kind, k_pos, k_sign = jax.random.split(key, 4)
+    k_wrong, k_kind, k_carry, k_pos, k_sign = jax.random.split(key, 5)
     total = a + b
     d = task.answer_length
     wrong = jax.random.uniform(k_wrong, (n,)) < task.demo_error_prob
     # a forgotten carry: the digit above a carrying position stays one too low
-    da, db = _digits_lsb_first(a, d), _digits_lsb_first(b, d)
-    carries = ((da + db + jnp.concatenate([jnp.zeros((n, 1), int), (da + db >= 10)[:, :-1]], 1)) >= 10)[:, :-1]
+    # position i carries into i + 1 when the operands' last i + 1 digits overflow (chains of carries included)
+    place = 10 ** jnp.arange(1, d)[None, :]
+    carries = (a[:, None] % place) + (b[:, None] % place) >= place
     has_carry = jnp.any(carries, axis=1)
-    carry_pos = jnp.argmax(carries * jax.random.uniform(k_pos, carries.shape), axis=1)  # a random carrying position
+    carry_pos = jnp.argmax(carries * jax.random.uniform(k_carry, carries.shape), axis=1)  # a random carrying position
     forgot = total - 10 ** (carry_pos + 1)
     # one digit off by one (kept a digit: 9 + 1 wraps to 8, 0 − 1 to 1)
     pos = jax.random.randint(k_pos, (n,), 0, d)

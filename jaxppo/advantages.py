@@ -354,7 +354,9 @@ class Estimator(NamedTuple):
     are only logged). ``whiten`` is the default of ``ppo.whiten_advantages`` (batch whitening after
     the estimator): on for GAE, off where it would change the estimator (a group-relative advantage
     whitened over the batch's tokens is no longer group-relative) or the estimator whitens itself.
-    ``grouped``: the batch must come in groups of ``ppo.group_size`` responses per prompt.
+    ``grouped``: the batch must come in groups of ``ppo.group_size`` responses per prompt;
+    ``per_response``: one advantage per response, shared by its tokens (what GSPO's sequence-level
+    loss and DAPO's dynamic sampling assume).
     """
 
     fn: Callable[..., tuple[Array, Array]]
@@ -362,6 +364,7 @@ class Estimator(NamedTuple):
     needs_critic: bool
     whiten: bool = False
     grouped: bool = False
+    per_response: bool = False
 
 
 def gae_estimator(inputs: AdvantageInputs, *, gamma: float, lam: float) -> tuple[Array, Array]:
@@ -388,19 +391,23 @@ def _per_response(advantages: Array, inputs: AdvantageInputs, gamma: float) -> t
 # the KL is in the reward (ppo.kl_in_reward), or the score alone when the KL is a loss term (GRPO's way).
 
 def grpo_estimator(inputs: AdvantageInputs, *, group_size: int, gamma: float) -> tuple[Array, Array]:
-    """GRPO: :func:`group_advantages` (``scale="std"``) of each response's return, on all its tokens."""
+    r"""GRPO (Shao et al. 2024): :math:`A_{it} = (R_i − \bar R_g) / (s_g + ε)`, :func:`group_advantages`
+    (``scale="std"``) of each response's return, on all its tokens."""
     returns = _sequence_returns("grpo_estimator", inputs)
     return _per_response(group_advantages(returns, group_size=group_size, scale="std"), inputs, gamma)
 
 
 def dr_grpo_estimator(inputs: AdvantageInputs, *, group_size: int, gamma: float) -> tuple[Array, Array]:
-    """Dr. GRPO: :func:`group_advantages` (``scale="none"``) of each response's return, on all its tokens."""
+    r"""Dr. GRPO (Liu et al. 2025): :math:`A_{it} = R_i − \bar R_g`, :func:`group_advantages`
+    (``scale="none"``) on all its tokens. The paper's loss also needs ``ppo.aggregation =
+    "seq-mean-token-sum-norm"`` (no per-response length normalisation)."""
     returns = _sequence_returns("dr_grpo_estimator", inputs)
     return _per_response(group_advantages(returns, group_size=group_size, scale="none"), inputs, gamma)
 
 
 def rloo_estimator(inputs: AdvantageInputs, *, group_size: int, gamma: float) -> tuple[Array, Array]:
-    """RLOO: :func:`rloo_advantages` of each response's return, on all its tokens."""
+    r"""RLOO (Ahmadian et al. 2024): :math:`A_{it} = R_i − \frac{1}{n−1}\sum_{j≠i} R_j`,
+    :func:`rloo_advantages` of each response's return, on all its tokens."""
     returns = _sequence_returns("rloo_estimator", inputs)
     return _per_response(rloo_advantages(returns, group_size=group_size), inputs, gamma)
 
@@ -423,10 +430,12 @@ def reinforce_pp_baseline_estimator(inputs: AdvantageInputs, *, group_size: int,
 # then accepts its name. The rollout calls ESTIMATORS[name].fn(inputs, **{h: ppo.<h>}).
 ESTIMATORS: dict[str, Estimator] = {
     "gae": Estimator(gae_estimator, hyperparameters=("gamma", "lam"), needs_critic=True, whiten=True),
-    "grpo": Estimator(grpo_estimator, hyperparameters=("group_size", "gamma"), needs_critic=False, grouped=True),
+    "grpo": Estimator(grpo_estimator, hyperparameters=("group_size", "gamma"), needs_critic=False, grouped=True,
+                      per_response=True),
     "dr_grpo": Estimator(dr_grpo_estimator, hyperparameters=("group_size", "gamma"), needs_critic=False,
-                         grouped=True),
-    "rloo": Estimator(rloo_estimator, hyperparameters=("group_size", "gamma"), needs_critic=False, grouped=True),
+                         grouped=True, per_response=True),
+    "rloo": Estimator(rloo_estimator, hyperparameters=("group_size", "gamma"), needs_critic=False, grouped=True,
+                      per_response=True),
     "reinforce++": Estimator(reinforce_pp_estimator, hyperparameters=("gamma",), needs_critic=False),
     "reinforce++_baseline": Estimator(reinforce_pp_baseline_estimator, hyperparameters=("group_size", "gamma"),
                                       needs_critic=False, grouped=True),

@@ -73,7 +73,7 @@ def actor_loss(config: ModelConfig, ppo: PPOConfig, params: dict, batch: dict,
         "approx_kl": pg_aux["approx_kl"],
         "max_abs_log_ratio": jnp.max(jnp.where(mask > 0, jnp.abs(logprobs - traj.old_logprobs), 0.0)),
     }
-    if not ppo.kl_in_reward:
+    if not ppo.kl_in_reward and ppo.builds_reference:  # without a reference (β = 0) there is no KL term
         kl = masked_mean(kl_penalty(logprobs, traj.ref_logprobs, estimator=ppo.kl_penalty_estimator), mask, denominator=tokens)
         loss = loss + batch["kl_coef"] * kl
         aux["kl_loss"] = kl
@@ -136,7 +136,10 @@ def make_update(actor_config: ModelConfig, ppo: PPOConfig, *, critic_config: Mod
         _, aux, grads = accumulate_gradients(actor_micro_loss, actor.params, batch, denominators,
                                              micro_batches=ppo.micro_batches, max_metrics=("max_abs_log_ratio",))
         aux["actor_grad_norm"] = optax.tree.norm(grads)
-        actor = actor.apply_gradients(grads=grads)
+        stepped = actor.apply_gradients(grads=grads)
+        if ppo.dynamic_sampling:  # a minibatch of dropped groups only has no loss: no step (Adam's momentum would move)
+            stepped = jax.tree.map(lambda new, old: jnp.where(denominators["tokens"] > 0, new, old), stepped, actor)
+        actor = stepped
         if ppo.critic_role == "separate":
             _, critic_aux, critic_grads = accumulate_gradients(
                 critic_loss_fn, critic.params, {"traj": minibatch}, denominators, micro_batches=ppo.micro_batches)

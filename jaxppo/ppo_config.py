@@ -113,6 +113,18 @@ class PPOConfig:
                 f"must be in [0, max_new_tokens={self.max_new_tokens}], got {self.overlong_cache_tokens}")
         require(self.oversample == 1 or self.dynamic_sampling, "ppo.oversample",
                 "over-sampling keeps informative groups first: it needs ppo.dynamic_sampling=True")
+        per_response = ESTIMATORS[self.estimator].per_response
+        # GRPO's std normalisation would blow the β·ΣKL differences of a group of equal scores up to ±1
+        require(not (self.estimator in ("grpo", "dr_grpo") and self.kl_in_reward and self.kl_coef > 0),
+                "ppo.kl_in_reward", f"estimator {self.estimator!r} normalises each group's returns: with the KL in "
+                "the reward, a group of equal scores gets advantages from the KL noise alone; use "
+                "ppo.kl_in_reward=False (the KL as a loss, GRPO's way) or ppo.kl_coef=0")
+        require(self.policy_loss != "gspo" or per_response, "ppo.policy_loss",
+                f"'gspo' clips a per-response ratio with one advantage per response; estimator "
+                f"{self.estimator!r} gives per-token advantages (use grpo, dr_grpo or rloo)")
+        require(not self.dynamic_sampling or per_response, "ppo.dynamic_sampling",
+                f"drops groups of equal scores as carrying no signal, true of estimators with one group-relative "
+                f"advantage per response (grpo, dr_grpo, rloo), not of {self.estimator!r}")
         require(self.reference_model is not False or self.kl_coef == 0, "ppo.reference_model",
                 f"False (no reference) needs ppo.kl_coef=0, got {self.kl_coef}")
         require(self.builds_reference or self.ref_refresh_every == 0, "ppo.ref_refresh_every",

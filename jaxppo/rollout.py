@@ -170,16 +170,16 @@ def make_rollout(
             scores = scores + overlong_penalty(jnp.sum(mask, axis=1), max_length=ppo.max_new_tokens,
                                                cache_length=ppo.overlong_cache_tokens)
         informative = None
-        if ppo.dynamic_sampling:
-            informative_all = informative_groups(scores, group_size=ppo.group_size)
+        if ppo.dynamic_sampling:  # on the reward's own score (DAPO: 0 < accuracy < 1), not the length penalties
+            informative_all = informative_groups(proxy, group_size=ppo.group_size)
             informative_rate = jnp.mean(informative_all.astype(jnp.float32))  # of all sampled groups
             if ppo.oversample > 1:  # keep ppo.batch_size rows: informative groups first
-                rows = keep_informative_first(scores, group_size=ppo.group_size,
+                rows = keep_informative_first(proxy, group_size=ppo.group_size,
                                               groups=ppo.batch_size // ppo.group_size)
                 prompt, prompt_mask, response, mask, sampler_logprobs, proxy, scores, stopped = jax.tree.map(
                     lambda x: x[rows], (prompt, prompt_mask, response, mask, sampler_logprobs, proxy, scores, stopped))
                 parts = {name: x[rows] for name, x in parts.items()}
-            informative = informative_groups(scores, group_size=ppo.group_size)
+            informative = informative_groups(proxy, group_size=ppo.group_size)
         args = (prompt, prompt_mask, response, mask)
 
         def score(args):  # the scoring passes over (a micro-batch of) the episodes

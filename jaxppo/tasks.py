@@ -320,6 +320,13 @@ class TextTask:
             self._answers[key] = answer
         require(not gold.is_accuracy or any(a is not None for a in answers), "task.gold",
                 f"{config.gold!r} checks responses against the prompts' `answer` field; {config.prompts} has none")
+        if gold.is_accuracy:  # checked here: an error inside the PPO program's host callback cannot be reported
+            from jaxppo.verifiers import bad_answer
+
+            bad = bad_answer(answers)
+            if bad is not None:
+                raise DataError(f"{config.prompts}: the answer {answers[bad]!r} of prompt {prompts.texts[bad]!r} is "
+                                "not a number like '85', '-3', '1,234' or '2.5'")
         self.reward_functions = {config.gold: RewardFunction(self._score, host=True)}
         self.codec = TextCodec(decode=self.texts, answers=self.answers)
 

@@ -89,6 +89,14 @@ def _answer_value(answer: str) -> decimal.Decimal:
     return decimal.Decimal(_canonical(answer.strip()))
 
 
+def bad_answer(answers: Sequence[str | None]) -> int | None:
+    """The index of the first answer that is neither None nor a number :func:`number_match` can read, or None."""
+    for i, answer in enumerate(answers):
+        if answer is not None and (not isinstance(answer, str) or _ANSWER.fullmatch(answer.strip()) is None):
+            return i
+    return None
+
+
 def number_match(prompts: Sequence[str], responses: Sequence[str], answers: Sequence[str | None]) -> np.ndarray:
     """1.0 where the last number of the response equals the answer in value, else 0.0: float64 ``[B]``.
 

@@ -155,6 +155,15 @@ def test_exact_match_and_its_text_version_agree():
     assert at.exact_match_text(["37+48="], ["580</s>"]).tolist() == [1.0]  # 085, least significant digit first
     assert at.exact_match_text(["37+48="], ["58</s>"]).tolist() == [0.0]  # the answer has 3 digits
     assert at.exact_match_text(["37+48="], ["580"]).tolist() == [0.0]  # no EOS
+    # a PAD or BOS sampled inside a response is visible in its text: it never reads as the answer
+    p, m = at.encode_prompts(ADD, jnp.array([37]), jnp.array([48]))
+    d = at.DIGIT0
+    for inner in (at.PAD, at.BOS):
+        r = jnp.array([[d + 5, inner, d + 8, d + 0, at.EOS, at.PAD]])
+        rm = jnp.array([[1, 1, 1, 1, 1, 0]])
+        text = CODEC.decode(np.asarray(r), np.asarray(rm))
+        assert at.exact_match_text(CODEC.decode(np.asarray(p), np.asarray(m)), text).tolist() == [0.0], text
+        assert float(at.exact_match(ADD, p, m, r, rm)[0]) == 0.0
 
 
 def test_a_host_reward_function_gives_the_same_trajectory_as_the_jittable_one():

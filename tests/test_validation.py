@@ -97,6 +97,9 @@ def refused(config, *assignments: str) -> str:
     (["ppo.dynamic_sampling=true"], "ppo.group_size"),
     (["ppo.oversample=2"], "ppo.oversample"),  # over-sampling needs dynamic sampling
     (["ppo.estimator=grpo", "ppo.group_size=4", "ppo.dynamic_sampling=true", "ppo.oversample=0"], "ppo.oversample"),
+    (["ppo.estimator=grpo", "ppo.group_size=4"], "ppo.kl_in_reward"),  # group std would scale KL noise up
+    (["ppo.policy_loss=gspo"], "ppo.policy_loss"),  # GSPO needs one advantage per response, GAE gives per token
+    (["ppo.group_size=2", "ppo.dynamic_sampling=true"], "ppo.dynamic_sampling"),  # equal scores ≠ no signal for GAE
     (["ppo.reference_model=false"], "ppo.reference_model"),  # β = 0.05 needs the reference
     (["ppo.kl_coef=0", "ppo.ref_refresh_every=2"], "ppo.ref_refresh_every"),  # no reference to refresh
     (["reward_functions=exact_match"], "reward_functions"),  # not a function of the toy task

@@ -118,8 +118,11 @@ def ppo_stage(ctx: RunContext, sft_params: dict, reward: RewardModel | None) -> 
                                              group_size=ppo.group_size), ctx.mesh) for j in range(k)]
         ptx = None
         if ppo.ptx_coef > 0:
-            ptx = _stacked([shard_batch(ctx.task.demonstrations("ppo-ptx", it + j, ppo.batch_size, prompts[j]),
-                                        ctx.mesh) for j in range(k)])
+            # demonstrations for the iteration's prompts; grouped / over-sampled batches repeat prompts: own ones
+            same = ppo.group_size == 1 and ppo.oversample == 1
+            ptx = _stacked([shard_batch(ctx.task.demonstrations("ppo-ptx", it + j, ppo.batch_size,
+                                                                prompts[j] if same else None), ctx.mesh)
+                            for j in range(k)])
         state, samples, metrics = iterate(
             state, frozen, *_stacked(prompts), jnp.stack([ctx.key("ppo-sample", it + j) for j in range(k)]),
             jnp.stack([ctx.key("ppo-update", it + j) for j in range(k)]), ptx)
