@@ -46,8 +46,21 @@ $(BENCH_STAMP): Makefile
 	$(BENCH_VENV)/bin/python -m pip install -q trl==1.12.0
 	touch $(BENCH_STAMP)
 
-bench: $(STAMP) $(BENCH_STAMP)
+# The peer for experiments/bench_grpo.py: TRL's current release (GRPOTrainer; TRL dropped PPOTrainer after 1.12)
+# with the same pinned CPU torch, in a venv of its own. GRPO_ARGS go to experiments.bench_grpo (ARGS to experiments.bench).
+BENCH_GRPO_VENV := .venv-bench-grpo
+BENCH_GRPO_STAMP := $(BENCH_GRPO_VENV)/.installed
+
+$(BENCH_GRPO_STAMP): Makefile
+	test -x $(BENCH_GRPO_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_GRPO_VENV)
+	$(BENCH_GRPO_VENV)/bin/python -m pip install -q --upgrade pip
+	$(BENCH_GRPO_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(BENCH_GRPO_VENV)/bin/python -m pip install -q trl==1.16.0
+	touch $(BENCH_GRPO_STAMP)
+
+bench: $(STAMP) $(BENCH_STAMP) $(BENCH_GRPO_STAMP)
 	$(BIN)/python -m experiments.bench --trl-python $(BENCH_VENV)/bin/python --out bench.json $(ARGS)
+	$(BIN)/python -m experiments.bench_grpo --trl-python $(BENCH_GRPO_VENV)/bin/python --out bench_grpo.json $(GRPO_ARGS)
 
 clean:
-	rm -rf $(VENV) $(BENCH_VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) $(BENCH_VENV) $(BENCH_GRPO_VENV) *.egg-info .pytest_cache
