@@ -65,7 +65,7 @@ def trajectory(params: dict, seed: int = 0) -> Trajectory:
         prompt=prompt, prompt_mask=prompt_mask, response=response, response_mask=response_mask,
         old_logprobs=logprobs + noise(0.3), ref_logprobs=logprobs + noise(0.5), old_values=noise(1.0),
         scores=jnp.asarray(rng.normal(size=B), jnp.float32), rewards=noise(1.0), kl=noise(0.1),
-        advantages=noise(1.0), returns=noise(1.0))
+        advantages=noise(1.0), returns=noise(1.0), loss_mask=response_mask)
 
 
 def demonstrations(seed: int = 1) -> dict:
