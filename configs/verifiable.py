@@ -11,8 +11,6 @@ trained) and pushes the policy toward the right ones, with GRPO's k3 KL loss to 
 ``sft_greedy_accuracy`` / ``final_greedy_accuracy``. A few minutes on 2 CPU cores.
 """
 
-import dataclasses
-
 from jaxppo.addition_task import EOS, PAD, AdditionTaskConfig
 from jaxppo.models.config import ModelConfig
 from jaxppo.pipeline_config import CheckpointConfig, PipelineConfig, SFTConfig
@@ -33,6 +31,3 @@ def get_config(**ppo_overrides) -> PipelineConfig:
                           ppo=PPOConfig(**ppo), reward_functions=("exact_match",), log_every=5,
                           checkpoint=CheckpointConfig(every_iterations=20), eval_batch_size=1000)
 
-
-def with_ppo(config: PipelineConfig, **fields) -> PipelineConfig:
-    return dataclasses.replace(config, ppo=dataclasses.replace(config.ppo, **fields))

@@ -79,6 +79,51 @@ def timed(fn, repeats: int) -> tuple[float, list[float]]:
     return first, times
 
 
+def time_ppo_forms(config, ppo, state, frozen, params, prompt, prompt_mask, *, repeats: int, score_fn=None) -> dict:
+    """Times one iteration in its three forms, each as :func:`timed` (a first call, then ``repeats``):
+    fused (one XLA program), the rollout and the update as two programs, and the sampler alone.
+
+    ``prompt`` / ``prompt_mask`` are ``[1, B, P]``; every response must have ``ppo.max_new_tokens``
+    tokens (no stop token). Returns ``{form: (jitted function, first seconds, seconds)}`` for
+    ``iteration``, ``rollout``, ``update``, ``sampler``, plus the last ``state`` and ``traj``.
+    """
+    iteration = make_iteration(config, ppo, score_fn=score_fn)
+    held = {"state": state}
+    step = iter(range(10_000))
+
+    def run_iteration():
+        i = next(step)
+        new_state, samples, metrics = iteration(held["state"], frozen, prompt, prompt_mask, jax.random.key(i)[None],
+                                                jax.random.key(1000 + i)[None])
+        jax.block_until_ready((new_state, metrics))
+        held["state"] = new_state
+        assert int(samples["response_mask"].sum()) == ppo.batch_size * ppo.max_new_tokens
+
+    out = {"iteration": (iteration, *timed(run_iteration, repeats))}
+    rollout, update = make_rollout(config, ppo, score_fn=score_fn), make_update(config, ppo)
+
+    def run_rollout():
+        s = held["state"]
+        held["traj"], _ = rollout(s.actor.params, None if s.critic is None else s.critic.params, frozen.reference,
+                                  frozen.reward, prompt[0], prompt_mask[0], jax.random.key(next(step)), s.kl.kl_coef)
+        jax.block_until_ready(held["traj"])
+
+    def run_update():
+        s = held["state"]
+        a, c, m = update(s.actor, s.critic, held["traj"], jax.random.key(next(step)), s.kl.kl_coef, None)
+        jax.block_until_ready((a, m))
+        held["state"] = s.replace(actor=a, critic=c)
+
+    out["rollout"] = (rollout, *timed(run_rollout, repeats))
+    out["update"] = (update, *timed(run_update, repeats))
+    sampler = make_sampler(config, SamplingParams(max_new_tokens=ppo.max_new_tokens, temperature=ppo.temperature,
+                                                  pad_token_id=0))
+    out["sampler"] = (sampler, *timed(
+        lambda: jax.block_until_ready(sampler(params, prompt[0], prompt_mask[0], jax.random.key(next(step))).tokens),
+        repeats))
+    return {**out, "state": held["state"], "traj": held["traj"]}
+
+
 def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
     """Achieved FLOP/s of a jitted fp32 ``n × n`` matmul: the machine's practical peak."""
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
@@ -142,50 +187,17 @@ def bench_jaxppo(config, params, tokens, mask, epochs: int, iterations: int, pla
     prompt, prompt_mask = jnp.asarray(tokens)[None], jnp.asarray(mask)[None]
     length = tokens.shape[1] + NEW_TOKENS
 
-    # fused: the whole iteration is one XLA program
-    iteration = make_iteration(config, ppo)
-    state = {"ppo": ppo_state}
-    step = iter(range(10_000))
-
-    def run_iteration():
-        i = next(step)
-        new_state, samples, metrics = iteration(state["ppo"], frozen, prompt, prompt_mask, jax.random.key(i)[None],
-                                                jax.random.key(1000 + i)[None])
-        jax.block_until_ready((new_state, metrics))
-        state["ppo"] = new_state
-        assert int(samples["response_mask"].sum()) == BATCH * NEW_TOKENS
-
-    first, times = timed(run_iteration, iterations - 1)
+    forms = time_ppo_forms(config, ppo, ppo_state, frozen, params, prompt, prompt_mask, repeats=iterations - 1)
+    iteration, first, times = forms["iteration"]
+    rollout, rollout_first, rollout_times = forms["rollout"]
+    update, update_first, update_times = forms["update"]
+    sampler, sampler_first, sampler_times = forms["sampler"]
     seconds = statistics.median(times)
-
-    # the two-function form, to time rollout and update apart
-    rollout, update = make_rollout(config, ppo), make_update(config, ppo)
-    holder = {}
-
-    def run_rollout():
-        s = state["ppo"]
-        holder["traj"], m = rollout(s.actor.params, s.critic.params, frozen.reference, frozen.reward, prompt[0],
-                                    prompt_mask[0], jax.random.key(next(step)), s.kl.kl_coef)
-        jax.block_until_ready(holder["traj"])
-
-    def run_update():
-        s = state["ppo"]
-        a, c, m = update(s.actor, s.critic, holder["traj"], jax.random.key(next(step)), s.kl.kl_coef, None)
-        jax.block_until_ready((a, m))
-        state["ppo"] = s.replace(actor=a, critic=c)
-
-    rollout_first, rollout_times = timed(run_rollout, iterations - 1)
-    update_first, update_times = timed(run_update, iterations - 1)
     rollout_s, update_s = statistics.median(rollout_times), statistics.median(update_times)
 
-    sampler = make_sampler(config, SamplingParams(max_new_tokens=NEW_TOKENS, temperature=TEMPERATURE, pad_token_id=0))
-    sampler_first, sampler_times = timed(
-        lambda: jax.block_until_ready(sampler(params, prompt[0], prompt_mask[0], jax.random.key(next(step))).tokens),
-        iterations - 1)
-
     flops = update_flops(config, epochs=epochs, batch=BATCH, prompt_len=tokens.shape[1], new_tokens=NEW_TOKENS)
-    check = flops_check(config, params, reward, holder["traj"], ppo) if epochs == 1 else None
-    memory = iteration.lower(state["ppo"], frozen, prompt, prompt_mask, jax.random.key(0)[None],
+    check = flops_check(config, params, reward, forms["traj"], ppo) if epochs == 1 else None
+    memory = iteration.lower(forms["state"], frozen, prompt, prompt_mask, jax.random.key(0)[None],
                              jax.random.key(1)[None]).compile().memory_analysis()
     return {
         "epochs": epochs, "prompt_length": int(tokens.shape[1]),

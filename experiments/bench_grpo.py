@@ -47,12 +47,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from experiments.bench import peak_rss_mib, timed
+from experiments.bench import peak_rss_mib, time_ppo_forms
 from experiments.bench_sampling import make_prompts
-from jaxppo.ppo import init_ppo, make_iteration, make_update
+from jaxppo.ppo import init_ppo
 from jaxppo.ppo_config import PPOConfig
-from jaxppo.rollout import make_rollout
-from jaxppo.sampling import SamplingParams, make_sampler
 from jaxppo.sharding import MeshConfig, make_mesh
 from jaxppo.weights import load_pretrained
 from jaxppo.weights.gguf import smollm2_gguf_path
@@ -88,47 +86,13 @@ def bench_jaxppo(config, params, tokens, mask, steps: int, plain: bool) -> dict:
     # each prompt repeated GROUP times in consecutive rows: [1, 64, P]
     prompt = jnp.repeat(jnp.asarray(tokens), GROUP, axis=0)[None]
     prompt_mask = jnp.repeat(jnp.asarray(mask), GROUP, axis=0)[None]
-    step = iter(range(10_000))
-    held = {"ppo": state}
-
-    # fused: rollout + update of a step is one XLA program
-    iteration = make_iteration(config, ppo, score_fn=even_token_fraction)
-
-    def run_step():
-        i = next(step)
-        new_state, samples, metrics = iteration(held["ppo"], frozen, prompt, prompt_mask, jax.random.key(i)[None],
-                                                jax.random.key(1000 + i)[None])
-        jax.block_until_ready((new_state, metrics))
-        held["ppo"] = new_state
-        assert int(samples["response_mask"].sum()) == COMPLETIONS * NEW_TOKENS
-
-    first, times = timed(run_step, steps - 1)
+    forms = time_ppo_forms(config, ppo, state, frozen, params, prompt, prompt_mask, repeats=steps - 1,
+                           score_fn=even_token_fraction)
+    iteration, first, times = forms["iteration"]
+    rollout, rollout_first, rollout_times = forms["rollout"]
+    update, update_first, update_times = forms["update"]
+    sampler, _, sampler_times = forms["sampler"]
     seconds = statistics.median(times)
-
-    # the two-function form, to time rollout and update apart
-    rollout = make_rollout(config, ppo, score_fn=even_token_fraction)
-    update = make_update(config, ppo)
-    traj_holder = {}
-
-    def run_rollout():
-        s = held["ppo"]
-        traj_holder["traj"], _ = rollout(s.actor.params, None, frozen.reference, frozen.reward, prompt[0],
-                                         prompt_mask[0], jax.random.key(next(step)), s.kl.kl_coef)
-        jax.block_until_ready(traj_holder["traj"])
-
-    def run_update():
-        s = held["ppo"]
-        actor, _, m = update(s.actor, None, traj_holder["traj"], jax.random.key(next(step)), s.kl.kl_coef, None)
-        jax.block_until_ready((actor, m))
-        held["ppo"] = s.replace(actor=actor)
-
-    rollout_first, rollout_times = timed(run_rollout, steps - 1)
-    update_first, update_times = timed(run_update, steps - 1)
-
-    sampler = make_sampler(config, SamplingParams(max_new_tokens=NEW_TOKENS, temperature=TEMPERATURE, pad_token_id=0))
-    _, sampler_times = timed(
-        lambda: jax.block_until_ready(sampler(params, prompt[0], prompt_mask[0], jax.random.key(next(step))).tokens),
-        steps - 1)
     return {
         "prompt_length": int(tokens.shape[1]), "levers": None if plain else ["model.remat=dots", "ppo.sampler_logprobs"],
         "seconds_per_step": seconds, "step_times": times, "compile_seconds": first - seconds,

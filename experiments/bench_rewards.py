@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
 import json
 import statistics
 import time
@@ -26,11 +25,13 @@ import jax
 import numpy as np
 
 from jaxppo import addition_task as at
+from jaxppo.config import load_config
 from jaxppo.models.heads import init_params
 from jaxppo.ppo import init_ppo, make_iteration
-from jaxppo.rewards import RewardFunction, TextCodec, make_score_fn
+from jaxppo.rewards import RewardFunction, make_score_fn
 from jaxppo.rollout import group_prompts
 from jaxppo.sharding import MeshConfig, make_mesh
+from jaxppo.tasks import ADDITION_CODEC
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,14 +41,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out")
     args = parser.parse_args(argv)
-    spec = importlib.util.spec_from_file_location("verifiable_config", ROOT / "configs" / "verifiable.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = load_config(ROOT / "configs" / "verifiable.py")
     task, model, ppo = config.task, config.model, config.ppo
     mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
-    codec = TextCodec(decode=lambda t, m: [at.render(x, xm) for x, xm in zip(t, m)],
-                      answers=lambda p, m: [None] * len(p))
+    codec = ADDITION_CODEC
     kinds = {"in-program (jittable)": RewardFunction(functools.partial(at.exact_match, task)),
              "host (pure_callback)": RewardFunction(at.exact_match_text, host=True)}
     params = init_params(model, jax.random.key(0))

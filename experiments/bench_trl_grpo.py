@@ -38,19 +38,12 @@ import argparse
 import itertools
 import json
 import os
-import resource
 import statistics
 import tempfile
 import time
 
-
-def peak_rss_mib() -> float:
-    """This process's peak resident memory (VmHWM: unlike ``ru_maxrss``, not inherited across exec)."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# run as a script (experiments/ is sys.path[0]) in the bench venv: bench_trl.py beside it imports no jax either
+from bench_trl import peak_rss_mib
 
 
 def even_token_fraction(completion_ids, **kwargs) -> list[float]:

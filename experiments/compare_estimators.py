@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import time
 from pathlib import Path
@@ -26,12 +25,11 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
+from jaxppo.config import load_config
 from jaxppo.logging import RunLogger
 from jaxppo.pipeline import evaluate, open_run, ppo_stage, sft_stage
-from jaxppo.pipeline.ppo import reward_score_fn
+from jaxppo.pipeline.ppo import iteration_prompts, reward_score_fn
 from jaxppo.ppo import init_ppo, make_iteration
-from jaxppo.rollout import group_prompts
-from jaxppo.sharding import shard_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,11 +48,9 @@ ESTIMATORS = {
 
 
 def base_config(seed: int, iterations: int):
-    spec = importlib.util.spec_from_file_location("verifiable_config", ROOT / "configs" / "verifiable.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(iterations=iterations)
+    config = load_config(ROOT / "configs" / "verifiable.py")
     return dataclasses.replace(config, seed=seed, export_hf=False, num_samples=0,
+                               ppo=dataclasses.replace(config.ppo, iterations=iterations),
                                checkpoint=dataclasses.replace(config.checkpoint, enabled=False))
 
 
@@ -76,8 +72,7 @@ def iteration_bytes(ctx, sft_params) -> int:
     c, ppo = ctx.config, ctx.config.ppo
     state, frozen = init_ppo(c.model, ppo, ctx.mesh, sft_params=sft_params, reward_params=None,
                              key=ctx.key("value-head"))
-    prompts = shard_batch(group_prompts(*ctx.task.prompts("ppo", 0, ppo.prompts_per_batch),
-                                        group_size=ppo.group_size), ctx.mesh)
+    prompts = iteration_prompts(ctx, 0)
     keys = jnp.stack([ctx.key("ppo-sample", 0)])
     iterate = make_iteration(c.model, ppo, score_fn=reward_score_fn(ctx), gold_fn=ctx.task.gold_fn)
     stats = iterate.lower(state, frozen, prompts[0][None], prompts[1][None], keys, keys).compile().memory_analysis()

@@ -235,6 +235,7 @@ def sequence_policy_loss(
     clip_eps: float,
     clip_eps_high: float | None = None,
     row_count: Array | float | None = None,
+    token_count: Array | float | None = None,
 ) -> tuple[Array, dict[str, Array]]:
     r"""GSPO's sequence-level clipped objective (Zheng et al. 2025, "Group Sequence Policy Optimization").
 
@@ -254,6 +255,8 @@ def sequence_policy_loss(
       mask: ``[B, T]`` valid response tokens.
       clip_eps, clip_eps_high: ``ε_low`` and ``ε_high`` (default ``ε_low``), both > 0.
       row_count: optional count of non-empty rows of the whole minibatch.
+      token_count: optional count of valid tokens of the whole minibatch (the ``approx_kl`` diagnostic's
+        denominator, so micro-batches' aux sum to the minibatch's too).
 
     Returns:
       ``(loss, aux)`` with scalar aux ``clip_fraction`` (rows where the clipped term is active),
@@ -284,7 +287,8 @@ def sequence_policy_loss(
     aux = {
         "clip_fraction": row_mean(clipped > unclipped),
         "ratio_mean": jax.lax.stop_gradient(row_mean(seq_ratio)),
-        "approx_kl": jax.lax.stop_gradient(masked_mean(jnp.expm1(log_ratio) - log_ratio, mask)),
+        "approx_kl": jax.lax.stop_gradient(masked_mean(jnp.expm1(log_ratio) - log_ratio, mask,
+                                                       denominator=token_count)),
     }
     return loss, aux
 
@@ -329,15 +333,15 @@ def gspo_loss(
 ) -> tuple[Array, dict[str, Array]]:
     """:func:`sequence_policy_loss` with per-token ``advantages [B, T]`` (a :data:`POLICY_LOSSES` row):
     each row's advantage is the mean over its valid tokens (the response's advantage itself for the
-    sequence-level estimators, which give every token of a response the same one). ``token_count``
-    is accepted for the common signature and unused: GSPO averages over rows."""
+    sequence-level estimators, which give every token of a response the same one). The loss averages
+    over rows (``row_count``); ``token_count`` only divides the ``approx_kl`` diagnostic."""
     check_rank("gspo_loss", "advantages", advantages, 2, "[B, T]")
     check_same_shape("gspo_loss", "mask", mask, advantages=advantages)
     dtype = compute_dtype(advantages)
     m = as_mask(mask, dtype)
     row_advantages = masked_sum(advantages.astype(dtype), m, axis=-1) / jnp.maximum(jnp.sum(m, axis=-1), 1.0)
     return sequence_policy_loss(logprobs, old_logprobs, row_advantages, mask, clip_eps=clip_eps,
-                                clip_eps_high=clip_eps_high, row_count=row_count)
+                                clip_eps_high=clip_eps_high, row_count=row_count, token_count=token_count)
 
 
 class PolicyLoss(NamedTuple):

@@ -171,15 +171,14 @@ def make_rollout(
                                                cache_length=ppo.overlong_cache_tokens)
         informative = None
         if ppo.dynamic_sampling:  # on the reward's own score (DAPO: 0 < accuracy < 1), not the length penalties
-            informative_all = informative_groups(proxy, group_size=ppo.group_size)
-            informative_rate = jnp.mean(informative_all.astype(jnp.float32))  # of all sampled groups
+            informative = informative_groups(proxy, group_size=ppo.group_size)
+            informative_rate = jnp.mean(informative.astype(jnp.float32))  # of all sampled groups
             if ppo.oversample > 1:  # keep ppo.batch_size rows: informative groups first
                 rows = keep_informative_first(proxy, group_size=ppo.group_size,
                                               groups=ppo.batch_size // ppo.group_size)
-                prompt, prompt_mask, response, mask, sampler_logprobs, proxy, scores, stopped = jax.tree.map(
-                    lambda x: x[rows], (prompt, prompt_mask, response, mask, sampler_logprobs, proxy, scores, stopped))
-                parts = {name: x[rows] for name, x in parts.items()}
-            informative = informative_groups(proxy, group_size=ppo.group_size)
+                (prompt, prompt_mask, response, mask, sampler_logprobs, proxy, scores, stopped, informative,
+                 parts) = jax.tree.map(lambda x: x[rows], (prompt, prompt_mask, response, mask, sampler_logprobs,
+                                                            proxy, scores, stopped, informative, parts))
         args = (prompt, prompt_mask, response, mask)
 
         def score(args):  # the scoring passes over (a micro-batch of) the episodes

@@ -86,40 +86,41 @@ GOLD_REWARDS: dict[str, GoldReward] = {
 }
 
 
-# ------------------------------------------------------------------------------------ toy task
+# --------------------------------------------------------------------------------- embedded tasks
 
-class ToyTask:
-    """The embedded task of :mod:`jaxppo.toy_task`; its data are drawn from keys ``key_fn(stream, step)``."""
+class _EmbeddedTask:
+    """What the embedded tasks share: prompts and demonstrations drawn by a task module's
+    ``sample_prompts(config, key, n)`` / ``demonstrations(config, key, prompt, prompt_mask)`` from keys
+    ``key_fn(stream, step)``, a jittable gold reward ``gold_fn`` (computed inside PPO programs, and
+    jitted for the host), no preference file and no tokenizer."""
 
+    module = None  # the task module: toy_task or addition_task
     gold_is_accuracy = False
 
-    def __init__(self, config: toy_task.ToyTaskConfig, key_fn: Callable[[str, int], Array], eval_prompts: int = 512):
+    def __init__(self, config, key_fn: Callable[[str, int], Array], *, eval_prompts, gold_fn):
         self.config = config
         self._key = key_fn
         self.vocab_size = config.vocab_size
-        self.stop_token_ids = (toy_task.EOS,)
-        self.pad_token_id = toy_task.PAD
+        self.stop_token_ids = (self.module.EOS,)
+        self.pad_token_id = self.module.PAD
         self.max_response_tokens = config.max_response_tokens
         self.optimal_gold = config.optimal_gold
         self.tokenizer = None
         self.preference_beta = config.preference_beta
-        self._eval = toy_task.sample_prompts(config, key_fn("eval", 0), eval_prompts)
-        self.gold_fn = functools.partial(toy_task.gold_reward, config)  # jittable: computed inside PPO programs
-        self._gold = jax.jit(self.gold_fn)
-        # RL on the hidden gold reward itself: the oracle setting (no reward model to over-optimise)
-        self.reward_functions = {"gold": RewardFunction(self.gold_fn)}
-        self.codec = None
+        self._eval = eval_prompts
+        self.gold_fn = gold_fn
+        self._gold = jax.jit(gold_fn)
 
     def prompts(self, stream: str, step: int, n: int):
-        return toy_task.sample_prompts(self.config, self._key(f"{stream}-prompts", step), n)
+        return self.module.sample_prompts(self.config, self._key(f"{stream}-prompts", step), n)
 
     def eval_prompts(self):
         return self._eval
 
     def demonstrations(self, stream: str, step: int, n: int, prompts=None) -> dict:
         prompt, prompt_mask = prompts if prompts is not None else self.prompts(stream, step, n)
-        response, response_mask = toy_task.demonstrations(self.config, self._key(f"{stream}-demos", step),
-                                                          prompt, prompt_mask)
+        response, response_mask = self.module.demonstrations(self.config, self._key(f"{stream}-demos", step),
+                                                             prompt, prompt_mask)
         return {"prompt": prompt, "prompt_mask": prompt_mask, "response": response, "response_mask": response_mask}
 
     def preference_file(self):
@@ -127,6 +128,19 @@ class ToyTask:
 
     def gold(self, prompt, prompt_mask, response, response_mask) -> np.ndarray:
         return np.asarray(self._gold(prompt, prompt_mask, response, response_mask), np.float64)
+
+
+class ToyTask(_EmbeddedTask):
+    """The embedded RLHF task of :mod:`jaxppo.toy_task`; its data are drawn from keys ``key_fn(stream, step)``."""
+
+    module = toy_task
+
+    def __init__(self, config: toy_task.ToyTaskConfig, key_fn: Callable[[str, int], Array], eval_prompts: int = 512):
+        super().__init__(config, key_fn, eval_prompts=toy_task.sample_prompts(config, key_fn("eval", 0), eval_prompts),
+                         gold_fn=functools.partial(toy_task.gold_reward, config))
+        # RL on the hidden gold reward itself: the oracle setting (no reward model to over-optimise)
+        self.reward_functions = {"gold": RewardFunction(self.gold_fn)}
+        self.codec = None
 
     def render(self, prompt, prompt_mask, response, response_mask) -> list[dict]:
         def words(tokens, mask):
@@ -136,56 +150,31 @@ class ToyTask:
                 for p, pm, r, rm in zip(*map(np.asarray, (prompt, prompt_mask, response, response_mask)))]
 
 
-# -------------------------------------------------------------------------------- addition task
+# the addition task's text, for host reward functions: rendered tokens; no per-prompt answers (the prompt holds it)
+ADDITION_CODEC = TextCodec(decode=lambda tokens, mask: [addition_task.render(t, m) for t, m in zip(tokens, mask)],
+                           answers=lambda prompt, prompt_mask: [None] * len(prompt))
 
-class AdditionTask:
+
+class AdditionTask(_EmbeddedTask):
     """The embedded verifiable task of :mod:`jaxppo.addition_task`; data drawn from keys ``key_fn(stream, step)``.
 
     Its gold reward is ``exact_match`` (so the gold reward is the accuracy); its reward functions are
     ``exact_match`` and ``format`` (jittable) and ``exact_match_text`` (the same check as a host
     function of decoded text)."""
 
+    module = addition_task
     gold_is_accuracy = True
 
     def __init__(self, config: addition_task.AdditionTaskConfig, key_fn: Callable[[str, int], Array],
                  eval_prompts: int = 512):
-        self.config = config
-        self._key = key_fn
-        self.vocab_size = config.vocab_size
-        self.stop_token_ids = (addition_task.EOS,)
-        self.pad_token_id = addition_task.PAD
-        self.max_response_tokens = config.max_response_tokens
-        self.optimal_gold = config.optimal_gold
-        self.tokenizer = None
-        self.preference_beta = config.preference_beta
-        self._eval = addition_task.eval_problems(config, eval_prompts)
-        self.gold_fn = functools.partial(addition_task.exact_match, config)
-        self._gold = jax.jit(self.gold_fn)
+        super().__init__(config, key_fn, eval_prompts=addition_task.eval_problems(config, eval_prompts),
+                         gold_fn=functools.partial(addition_task.exact_match, config))
         self.reward_functions = {
             "exact_match": RewardFunction(self.gold_fn),
             "format": RewardFunction(functools.partial(addition_task.format_reward, config)),
             "exact_match_text": RewardFunction(addition_task.exact_match_text, host=True),
         }
-        self.codec = TextCodec(decode=lambda tokens, mask: [addition_task.render(t, m) for t, m in zip(tokens, mask)],
-                               answers=lambda prompt, prompt_mask: [None] * len(prompt))
-
-    def prompts(self, stream: str, step: int, n: int):
-        return addition_task.sample_prompts(self.config, self._key(f"{stream}-prompts", step), n)
-
-    def eval_prompts(self):
-        return self._eval
-
-    def demonstrations(self, stream: str, step: int, n: int, prompts=None) -> dict:
-        prompt, prompt_mask = prompts if prompts is not None else self.prompts(stream, step, n)
-        response, response_mask = addition_task.demonstrations(self.config, self._key(f"{stream}-demos", step),
-                                                               prompt, prompt_mask)
-        return {"prompt": prompt, "prompt_mask": prompt_mask, "response": response, "response_mask": response_mask}
-
-    def preference_file(self):
-        return None
-
-    def gold(self, prompt, prompt_mask, response, response_mask) -> np.ndarray:
-        return np.asarray(self._gold(prompt, prompt_mask, response, response_mask), np.float64)
+        self.codec = ADDITION_CODEC
 
     def render(self, prompt, prompt_mask, response, response_mask) -> list[dict]:
         return [{"prompt": addition_task.render(p, pm), "response": addition_task.render(r, rm)}

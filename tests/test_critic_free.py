@@ -16,7 +16,8 @@ from jaxppo.models.config import ModelConfig
 from jaxppo.models.heads import init_params
 from jaxppo.ppo import actor_loss, init_ppo, make_iteration, update_denominators
 from jaxppo.ppo_config import PPOConfig
-from jaxppo.rewards import RewardFunction, TextCodec, make_score_fn
+from jaxppo.rewards import RewardFunction, make_score_fn
+from jaxppo.tasks import ADDITION_CODEC
 from jaxppo.rollout import group_prompts, make_rollout
 from jaxppo.toy_task import sample_prompts
 from tiny import MODEL, ONE_DEVICE, PPO, TASK, gold_score
@@ -135,7 +136,7 @@ def test_oversampling_keeps_informative_groups_first():
 ADD = at.AdditionTaskConfig(digits=2)
 ADD_MODEL = ModelConfig(vocab_size=ADD.vocab_size, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
                         num_kv_heads=1, head_dim=16, max_position_embeddings=16, tie_word_embeddings=True)
-CODEC = TextCodec(decode=lambda t, m: [at.render(x, xm) for x, xm in zip(t, m)], answers=lambda p, m: [None] * len(p))
+CODEC = ADDITION_CODEC
 
 
 def test_exact_match_and_its_text_version_agree():

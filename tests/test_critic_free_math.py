@@ -222,7 +222,7 @@ def gspo_batch(seed: int, noise: float):
 
 
 def gspo_args(logprobs, old, advantages, mask):
-    # garbage at padding: NaN in the log-probs, a large finite advantage (NaN advantages: see the xfail below)
+    # garbage at padding: NaN in the log-probs, a large finite advantage (NaN advantages: test_gspo_loss_ignores_nan_advantages_at_padding)
     return (jnp.asarray(with_garbage(logprobs, mask)), jnp.asarray(with_garbage(old, mask)),
             jnp.asarray(with_garbage(advantages, mask, 1e3)), jnp.asarray(mask))
 

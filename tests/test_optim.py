@@ -137,6 +137,21 @@ def test_actor_loss_independent_of_micro_batches(aggregation):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("policy_loss", ["clip", "gspo"])
+def test_dynamic_sampling_loss_independent_of_micro_batches(policy_loss):
+    """Dropped groups (loss_mask 0 on rows 2-3, one of them full length) with unequal lengths and an empty
+    row: every micro-batch divides by the minibatch's kept tokens / rows, so the split changes nothing."""
+    ppo = dataclasses.replace(PPO, estimator="grpo", group_size=2, dynamic_sampling=True, policy_loss=policy_loss)
+    params = random_params()
+    traj = trajectory(params)
+    keep = jnp.asarray([1, 1, 0, 0, 1, 1, 1, 1], jnp.float32)
+    traj = traj.replace(loss_mask=traj.response_mask * keep[:, None].astype(traj.response_mask.dtype))
+    loss_fn, batch = actor_case(ppo, params, traj)
+    _, aux = assert_same_objective(loss_fn, params, batch, update_denominators)
+    assert float(update_denominators(batch)["tokens"]) == float(LENGTHS.sum() - LENGTHS[2:4].sum())
+
+
+@pytest.mark.slow
 def test_shared_critic_actor_loss_independent_of_micro_batches():
     ppo = dataclasses.replace(PPO, critic="shared")
     params = random_params()

@@ -73,6 +73,14 @@ def reward_score_fn(ctx: RunContext):
     return make_score_fn(functions, c.reward_weights, codec=ctx.task.codec)
 
 
+def iteration_prompts(ctx: RunContext, it: int):
+    """Iteration ``it``'s rollout prompts, sharded: each prompt ``group_size`` times in consecutive rows
+    (a group), ``oversample`` × the batch's groups."""
+    ppo = ctx.config.ppo
+    return shard_batch(group_prompts(*ctx.task.prompts("ppo", it, ppo.prompts_per_batch), group_size=ppo.group_size),
+                       ctx.mesh)
+
+
 def ppo_stage(ctx: RunContext, sft_params: dict, reward: RewardModel | None) -> tuple[dict, RewardModel | None]:
     """RL (PPO or a critic-free estimator) against the reward model, or the reward functions when
     ``reward`` is None; returns the final actor params and the (refreshed) reward model."""
@@ -113,9 +121,7 @@ def ppo_stage(ctx: RunContext, sft_params: dict, reward: RewardModel | None) -> 
             frozen = frozen.replace(reward=frozen_params(reward.params, ctx.mesh, dtype=ppo.frozen_dtype))
         k = iterations_in_call(it, iterations=ppo.iterations, per_call=ppo.iterations_per_call,
                                host_every=(c.checkpoint.every_iterations, online, ppo.ref_refresh_every))
-        # each prompt group_size times in consecutive rows (a group), oversample × the batch's groups
-        prompts = [shard_batch(group_prompts(*ctx.task.prompts("ppo", it + j, ppo.prompts_per_batch),
-                                             group_size=ppo.group_size), ctx.mesh) for j in range(k)]
+        prompts = [iteration_prompts(ctx, it + j) for j in range(k)]
         ptx = None
         if ppo.ptx_coef > 0:
             # demonstrations for the iteration's prompts; grouped / over-sampled batches repeat prompts: own ones
