@@ -61,6 +61,7 @@ $(BENCH_GRPO_STAMP): Makefile
 bench: $(STAMP) $(BENCH_STAMP) $(BENCH_GRPO_STAMP)
 	$(BIN)/python -m experiments.bench --trl-python $(BENCH_VENV)/bin/python --out bench.json $(ARGS)
 	$(BIN)/python -m experiments.bench_grpo --trl-python $(BENCH_GRPO_VENV)/bin/python --out bench_grpo.json $(GRPO_ARGS)
+	$(BIN)/python -m experiments.bench_rollout --out bench_rollout.json
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) $(BENCH_GRPO_VENV) *.egg-info .pytest_cache

@@ -22,11 +22,11 @@ def get_config(**ppo_overrides) -> PipelineConfig:
     model = ModelConfig(vocab_size=task.vocab_size, hidden_size=64, intermediate_size=256, num_layers=2,
                         num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=16,
                         tie_word_embeddings=True, rope_theta=10_000.0)
-    ppo = dict(estimator="grpo", group_size=8, batch_size=128, iterations=250, max_new_tokens=task.max_response_tokens,
+    ppo = dict(estimator="grpo", group_size=8, batch_size=256, iterations=250, max_new_tokens=task.max_response_tokens,
                stop_token_ids=(EOS,), pad_token_id=PAD, kl_in_reward=False, kl_coef=0.01, kl_estimator="k3",
-               learning_rate=1e-3, epochs=1, minibatches=2, temperature=1.0)
+               learning_rate=5e-4, epochs=1, minibatches=4, temperature=1.0)
     ppo.update(ppo_overrides)
-    return PipelineConfig(model=model, task=task, sft=SFTConfig(steps=800, batch_size=64, learning_rate=3e-3,
+    return PipelineConfig(model=model, task=task, sft=SFTConfig(steps=2000, batch_size=64, learning_rate=1e-3,
                                                                 warmup_steps=50),
                           ppo=PPOConfig(**ppo), reward_functions=("exact_match",), log_every=5,
                           checkpoint=CheckpointConfig(every_iterations=20), eval_batch_size=1000)

@@ -27,6 +27,13 @@ class PPOConfig:
     pad_token_id: int = 0  # fills a response after its stop token (masked out); a token id, >= 0
     sampler_logprobs: bool = False  # old log-probs from the sampler (KV-cache logits): one actor forward pass fewer
     score_micro_batches: int = 1  # the rollout's scoring passes run over this many slices of the batch, in turn
+    # slot-refill decoding (jaxppo.engine): this many decode slots over the oversample × batch_size requests, a
+    # slot refilled from the queue as soon as its row stops; 0: one slot per request (no queue). Same samples
+    # either way (per-request keys).
+    decode_slots: int = 0
+    # once the queue is empty, live rows are compacted into half the slots while at most half are live, down to
+    # this many slots (each width is one more compiled loop); 0: no compaction
+    decode_min_slots: int = 0
     missing_eos_penalty: float = 1.0  # >= 0; subtracted from the score of a response that never emitted a stop token
     # DAPO's soft overlong punishment (losses.overlong_penalty): responses in the last this-many tokens before
     # max_new_tokens lose up to 1, linearly; 0: off
@@ -109,6 +116,9 @@ class PPOConfig:
                 f"{'dynamic sampling' if self.dynamic_sampling else f'estimator {self.estimator!r}'} compares the "
                 f"responses to one prompt: needs group_size >= 2, got {self.group_size}")
         require(self.oversample >= 1, "ppo.oversample", f"must be >= 1, got {self.oversample}")
+        require(self.decode_slots >= 0, "ppo.decode_slots", f"must be >= 0 (0: one per request), got {self.decode_slots}")
+        require(self.decode_min_slots >= 0, "ppo.decode_min_slots",
+                f"must be >= 0 (0: no compaction), got {self.decode_min_slots}")
         require(0 <= self.overlong_cache_tokens <= self.max_new_tokens, "ppo.overlong_cache_tokens",
                 f"must be in [0, max_new_tokens={self.max_new_tokens}], got {self.overlong_cache_tokens}")
         require(self.oversample == 1 or self.dynamic_sampling, "ppo.oversample",

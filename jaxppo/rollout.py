@@ -3,7 +3,7 @@
 One jitted function turns a batch of prompts into a frozen :class:`Trajectory` (seed 003's
 pipeline, Ziegler et al. 2019):
 
-1. sample responses from the actor (:mod:`jaxppo.sampling`);
+1. sample responses from the actor (:mod:`jaxppo.engine`: slot-refill decoding, ``ppo.decode_slots``);
 2. one forward pass of the actor over prompt + response gives the old log-probs (at the sampling
    temperature) — and the values, for a shared-trunk critic; a separate critic does its own pass.
    With ``ppo.sampler_logprobs`` the old log-probs are the sampler's own (the same
@@ -50,7 +50,8 @@ from jaxppo.masking import masked_mean
 from jaxppo.models.config import ModelConfig, cast_params, with_dtype
 from jaxppo.optim import split_micro_batches
 from jaxppo.ppo_config import PPOConfig
-from jaxppo.sampling import SamplingParams, sample
+from jaxppo.engine import generate
+from jaxppo.sampling import SamplingParams
 from jaxppo.sequences import response_logprobs, response_scores, response_values
 
 Array = jax.Array
@@ -159,7 +160,9 @@ def make_rollout(
         if prompt.shape[0] != ppo.oversample * ppo.batch_size:
             raise ValueError(f"rollout: {prompt.shape[0]} prompt rows; expected oversample × batch_size = "
                              f"{ppo.oversample} × {ppo.batch_size} (each prompt repeated group_size times)")
-        out = sample(actor_config, actor, prompt, prompt_mask, key, sampling=sampling)
+        slots = ppo.decode_slots or prompt.shape[0]
+        out, engine = generate(actor_config, actor, prompt, prompt_mask, key, sampling=sampling, slots=slots,
+                               min_slots=ppo.decode_min_slots or slots)
         response, mask, sampler_logprobs = out.tokens, out.mask, out.logprobs
         proxy, parts = proxy_scores(reward, (prompt, prompt_mask, response, mask))
         stopped = jnp.any((mask > 0) & jnp.isin(response, jnp.asarray(ppo.stop_token_ids or (-1,))), axis=1)
@@ -218,6 +221,8 @@ def make_rollout(
             "response_length": jnp.mean(jnp.sum(mask, axis=1)),
             "stopped_fraction": jnp.mean(stopped.astype(jnp.float32)),
             "return_mean": masked_mean(returns, mask),
+            "decode_utilisation": engine.utilisation,  # of the decoded rows, the fraction that produced a token
+            "decode_steps": engine.steps.astype(jnp.float32),
             **{f"reward_{name}": jnp.mean(x.astype(jnp.float32)) for name, x in parts.items()},
         }
         if informative is not None:

@@ -11,8 +11,8 @@ named axes and XLA's SPMD partitioner inserts the collectives.
   and the vocabulary are split, so activations are split along them inside a layer.
 
 :data:`RULES` maps parameter-path patterns to ``PartitionSpec``s. It is matched against the
-``/``-joined path of every array of a pytree (``layers/attn/q_proj/kernel``, and the same names
-inside optimizer states, e.g. ``opt_state/.../mu/layers/attn/q_proj/kernel``), first match wins,
+``/``-joined path of every array of a pytree (``layers/attn/qkv_proj/kernel``, and the same names
+inside optimizer states, e.g. ``opt_state/.../mu/layers/attn/qkv_proj/kernel``), first match wins,
 so the actor, critic, reference and reward model and their optimizer states all get their
 layout from this one table. A rule whose rank does not match the array, or an axis that does not
 divide its dimension, falls back to replicating that dimension.
@@ -50,10 +50,11 @@ BATCH_AXES = ("data", "fsdp")
 # (path regex, spec). Kernels are [in, out]; stacked layers carry a leading L axis (never split).
 RULES: tuple[tuple[str, P], ...] = (
     (r"embed/embedding$", P("tensor", "fsdp")),  # [V, D]: vocabulary over tensor
-    (r"layers/attn/(q|k|v)_proj/kernel$", P(None, "fsdp", "tensor")),  # [L, D, H·Dh]: heads over tensor
-    (r"layers/attn/(q|k|v)_proj/bias$", P(None, "tensor")),  # [L, H·Dh]
+    # [L, D, H_kv, G + 2, Dh]: KV heads (each with its query heads) over tensor
+    (r"layers/attn/qkv_proj/kernel$", P(None, "fsdp", "tensor", None, None)),
+    (r"layers/attn/qkv_proj/bias$", P(None, "tensor", None, None)),  # [L, H_kv, G + 2, Dh]
     (r"layers/attn/o_proj/kernel$", P(None, "tensor", "fsdp")),  # [L, H·Dh, D]
-    (r"layers/mlp/(gate|up)_proj/kernel$", P(None, "fsdp", "tensor")),  # [L, D, F]
+    (r"layers/mlp/gate_up_proj/kernel$", P(None, "fsdp", None, "tensor")),  # [L, D, 2, F]
     (r"layers/mlp/down_proj/kernel$", P(None, "tensor", "fsdp")),  # [L, F, D]
     (r"lm_head/kernel$", P("fsdp", "tensor")),  # [D, V]
     (r"(reward_head|value_head)/kernel$", P("fsdp", None)),  # [D, 1]
@@ -257,6 +258,14 @@ def constrain(x: jax.Array, spec: P) -> jax.Array:
     if mesh.empty or not set(AXES) <= set(mesh.axis_names):
         return x
     return jax.lax.with_sharding_constraint(x, _fit_spec(spec, x.shape, mesh))
+
+
+def batch_shards() -> int:
+    """How many ways the batch axis is split under the current mesh (``data × fsdp``); 1 without one."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(AXES) <= set(mesh.axis_names):
+        return 1
+    return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
 def constrain_tree(tree: Any, rules=RULES) -> Any:

@@ -6,6 +6,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from experiments.bench import flops_check, forward_flops
 from jaxppo.models.config import ModelConfig
@@ -38,3 +39,14 @@ def test_analytic_update_flops_match_xla_cost_analysis():
     check = flops_check(model, params, reward, traj, ppo)
     # XLA also counts the element-wise work (norms, softmax, Adam): a few per cent more here
     assert 1.0 <= check["ratio"] < 1.1, check
+
+
+def test_long_tail_workload_is_long_tailed():
+    """bench_rollout's workload: mean length about a quarter of the 128 maximum, a tail up to it."""
+    from experiments.bench_rollout import LONG_MAX, LONG_REQUESTS, long_tail_caps
+
+    caps = long_tail_caps()
+    assert caps.shape == (LONG_REQUESTS,) and caps.min() >= 1 and caps.max() <= LONG_MAX
+    assert 0.2 * LONG_MAX <= caps.mean() <= 0.3 * LONG_MAX
+    assert np.median(caps) < caps.mean() and caps.max() >= 3 * caps.mean()  # skewed: a long tail
+    np.testing.assert_array_equal(caps, long_tail_caps())  # seeded: the same workload every run

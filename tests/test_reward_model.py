@@ -66,8 +66,8 @@ def test_head_only_reward_step_trains_the_head_and_freezes_the_trunk():
     # the trainable-trunk step moves the trunk from the same start
     state = create_train_state(params, make_optimizer(learning_rate=1e-2))
     state, _ = make_reward_step(MODEL)(state, batch)
-    assert not np.allclose(np.asarray(state.params["layers"]["mlp"]["up_proj"]["kernel"]),
-                           before["layers"]["mlp"]["up_proj"]["kernel"])
+    assert not np.allclose(np.asarray(state.params["layers"]["mlp"]["gate_up_proj"]["kernel"]),
+                           before["layers"]["mlp"]["gate_up_proj"]["kernel"])
 
 
 @pytest.mark.parametrize("pooling", ["last", "mean"])

@@ -54,15 +54,17 @@ def test_one_rules_table_for_params_and_optimizer_states():
     mesh = make_mesh(LAYOUTS["fsdp_x_tensor"])
     params = {**init_params(MODEL, jax.random.key(0)), "value_head": init_scalar_head(MODEL, jax.random.key(1), "value_head")}
     state = init_sharded(lambda p: create_train_state(p, make_optimizer(learning_rate=1e-3)), mesh, params)
-    q = state.params["layers"]["attn"]["q_proj"]["kernel"]
-    assert q.sharding.spec == P(None, "fsdp", "tensor")
+    q = state.params["layers"]["attn"]["qkv_proj"]["kernel"]  # [L, D, H_kv, G + 2, Dh]: KV heads over tensor
+    assert q.sharding.spec == P(None, "fsdp", "tensor")  # (trailing unsplit dimensions are left out)
+    gate_up = state.params["layers"]["mlp"]["gate_up_proj"]["kernel"]  # [L, D, 2, F]: F over tensor
+    assert gate_up.sharding.spec == P(None, "fsdp", None, "tensor")
     assert state.params["layers"]["attn"]["o_proj"]["kernel"].sharding.spec == P(None, "tensor", "fsdp")
     assert state.params["embed"]["embedding"].sharding.spec == P("tensor", "fsdp")
     assert state.params["layers"]["input_norm"]["scale"].sharding.spec == P()
     # optimizer moments take the layout of their parameter from the same table
     mu = jax.tree.leaves(state.opt_state, is_leaf=lambda x: hasattr(x, "mu"))
     adam = [s for s in mu if hasattr(s, "mu")][0]
-    assert adam.mu["layers"]["attn"]["q_proj"]["kernel"].sharding.spec == P(None, "fsdp", "tensor")
+    assert adam.mu["layers"]["attn"]["qkv_proj"]["kernel"].sharding.spec == P(None, "fsdp", "tensor")
     # a dimension the axis does not divide stays whole: vocab 22 over tensor=4
     assert spec_for("embed/embedding", (22, 32), make_mesh(MeshConfig(data=1, fsdp=2, tensor=4))) == P(None, "fsdp")
 
@@ -120,8 +122,8 @@ def test_ppo_iteration_matches_one_device(one_device, layout):
             scale = np.max(np.abs(b)) + 1e-12
             assert np.max(np.abs(np.asarray(a) - b)) <= 1e-5 * scale, jax.tree_util.keystr(path)
     # the donated states come back in the layout of the rules table
-    q = actor.params["layers"]["attn"]["q_proj"]["kernel"]
-    assert q.sharding.spec == spec_for("layers/attn/q_proj/kernel", q.shape, mesh)
+    q = actor.params["layers"]["attn"]["qkv_proj"]["kernel"]
+    assert q.sharding.spec == spec_for("layers/attn/qkv_proj/kernel", q.shape, mesh)
 
 
 def test_sampler_kv_cache_is_sharded_like_the_batch_and_heads():
@@ -172,3 +174,27 @@ def test_checkpoint_saved_on_8_devices_restores_on_1_and_4_and_back(tmp_path):
                                         jax.tree.leaves(state8)):
                 np.testing.assert_array_equal(np.asarray(got), want)
                 assert got.sharding.is_equivalent_to(saved.sharding, got.ndim)  # the 8-device layout it began in
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_slot_refill_engine_under_a_mesh_gives_the_single_device_samples(temperature):
+    """Slot-refill decoding with a queue and a draining compaction (down to one row per batch shard)
+    on 8 devices (fsdp 4 × tensor 2): the tokens of one device, log-probs to float rounding."""
+    from jaxppo.engine import generate
+    from jaxppo.sampling import SamplingParams
+
+    mesh = make_mesh(LAYOUTS["fsdp_x_tensor"])
+    sampling = SamplingParams(max_new_tokens=6, temperature=temperature, stop_token_ids=(EOS,), pad_token_id=PAD)
+    params = init_params(MODEL, jax.random.key(0))
+    prompts = sample_prompts(TASK, jax.random.key(1), 24)
+    caps = jax.random.randint(jax.random.key(2), (24,), 1, 7)
+    fn = jax.jit(lambda p, t, m, k, c: generate(MODEL, p, t, m, k, sampling=sampling, slots=8, max_lengths=c))
+    single, single_stats = fn(params, *prompts, jax.random.key(3), caps)
+    with jax.set_mesh(mesh):
+        sharded, stats = fn(shard_tree(params, mesh), *shard_batch(prompts, mesh), jax.random.key(3), caps)
+    np.testing.assert_array_equal(sharded.tokens, single.tokens)
+    np.testing.assert_array_equal(sharded.mask, single.mask)
+    np.testing.assert_allclose(sharded.logprobs, single.logprobs, atol=1e-5)
+    assert int(stats.refills) == 16 and int(stats.useful_tokens) == int(np.asarray(single.mask).sum())
+    # without a mesh the drain compacts to 1 row; on it, to one row per batch shard (fsdp 4)
+    assert int(stats.slot_steps) >= int(single_stats.slot_steps)

@@ -34,7 +34,7 @@ def test_config_and_tokenizer(smollm2):
     config, params, tokenizer = smollm2
     assert (config.num_layers, config.hidden_size, config.num_heads, config.num_kv_heads) == (30, 576, 9, 3)
     assert config.vocab_size == 49152 and config.tie_word_embeddings and config.rope_theta == 1e5
-    assert "lm_head" not in params and params["layers"]["attn"]["q_proj"]["kernel"].shape == (30, 576, 576)
+    assert "lm_head" not in params and params["layers"]["attn"]["qkv_proj"]["kernel"].shape == (30, 576, 3, 5, 64)
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token_id == tokenizer.eos_token_id
     assert 100e6 < config.num_params < 170e6
 

@@ -11,13 +11,21 @@ and values are written with one ``dynamic_update_slice`` afterwards, which XLA p
 on the loop-carried buffer (writing inside the scan made it copy the whole cache every step). Attention masks are explicit too: a ``[B, S_kv]`` mask of
 valid key slots (never derived from token ids: SmolLM2's pad token is also its EOS).
 
-Parameter tree (``L`` = layers; kernels are ``[in, out]``)::
+Parameter tree (``L`` = layers; kernels are ``[in, out…]``; ``G = H / H_kv`` query heads per KV head)::
 
     embed/embedding                      [V, D]
-    layers/attn/{q,k,v,o}_proj/kernel    [L, D, H·Dh] … ; q/k/v bias [L, H·Dh] (Qwen2)
-    layers/mlp/{gate,up,down}_proj/kernel
+    layers/attn/qkv_proj/kernel          [L, D, H_kv, G + 2, Dh]: Q, K and V fused, grouped by KV head
+                                         (its G query heads, its key, its value); bias [L, H_kv, G + 2, Dh] (Qwen2)
+    layers/attn/o_proj/kernel            [L, H·Dh, D]
+    layers/mlp/gate_up_proj/kernel       [L, D, 2, F]: gate and up fused
+    layers/mlp/down_proj/kernel          [L, F, D]
     layers/input_norm/scale, layers/post_attention_norm/scale   [L, D]
     final_norm/scale                     [D]
+
+Fusing Q/K/V and gate/up makes two large matmuls of five small ones per layer (what a decode step
+at a small batch is bound by); grouping the fused QKV output by KV head keeps a tensor-parallel
+split over ``H_kv`` local (each shard holds whole groups). Hugging Face and GGUF files keep the
+split layout: :mod:`jaxppo.weights.hf` fuses on import and splits on export.
 
 LM and scalar heads live beside this tree and are applied by :mod:`jaxppo.models.heads`.
 """
@@ -101,14 +109,14 @@ class Attention(nn.Module):
         """
         c = self.config
         batch, seq, _ = x.shape
-        q = _dense(c.num_heads * c.head_dim, "q_proj", c, c.attention_bias)(x)
-        k = _dense(c.num_kv_heads * c.head_dim, "k_proj", c, c.attention_bias)(x)
-        v = _dense(c.num_kv_heads * c.head_dim, "v_proj", c, c.attention_bias)(x)
-        q = apply_rope(q.reshape(batch, seq, c.num_heads, c.head_dim), cos, sin)
-        k = apply_rope(k.reshape(batch, seq, c.num_kv_heads, c.head_dim), cos, sin).transpose(0, 2, 1, 3)
-        v = v.reshape(batch, seq, c.num_kv_heads, c.head_dim).transpose(0, 2, 1, 3)  # [B, H_kv, S, D_h]
-
         groups = c.num_heads // c.num_kv_heads
+        # one matmul for Q, K and V: per KV head, its `groups` query heads, then its key, then its value
+        qkv = nn.DenseGeneral((c.num_kv_heads, groups + 2, c.head_dim), use_bias=c.attention_bias, dtype=c.jnp_dtype,
+                              param_dtype=c.jnp_param_dtype, kernel_init=nn.initializers.normal(0.02),
+                              name="qkv_proj")(x)  # [B, S, H_kv, G + 2, D_h]
+        q = apply_rope(qkv[:, :, :, :groups].reshape(batch, seq, c.num_heads, c.head_dim), cos, sin)
+        k = apply_rope(qkv[:, :, :, groups], cos, sin).transpose(0, 2, 1, 3)
+        v = qkv[:, :, :, groups + 1].transpose(0, 2, 1, 3)  # [B, H_kv, S, D_h]
         q = q.reshape(batch, seq, c.num_kv_heads, groups, c.head_dim) / jnp.sqrt(jnp.asarray(c.head_dim, q.dtype))
         neg = jnp.finfo(jnp.float32).min  # finite: rows with no valid key (left padding) stay NaN-free
 
@@ -117,8 +125,11 @@ class Attention(nn.Module):
             return jnp.where(allowed[:, None, None], s, neg)
 
         causal = jnp.arange(seq)[None, :] <= jnp.arange(seq)[:, None]  # [S, S_k=S]
+        per_row = jnp.ndim(q_offset) == 1  # [B] offsets: each row's query at its own slot (slot-refill decoding)
         if layer_cache is None:
             own_mask = kv_mask
+        elif per_row:
+            own_mask = jnp.take_along_axis(kv_mask, q_offset[:, None] + jnp.arange(seq)[None, :], axis=1)
         else:
             own_mask = jax.lax.dynamic_slice_in_dim(kv_mask, q_offset, seq, axis=1)
         parts_s = [scores(k, causal[None] & (own_mask[:, None, :] > 0))]
@@ -126,7 +137,8 @@ class Attention(nn.Module):
         if layer_cache is not None:
             cache_k, cache_v = layer_cache
             slots = jnp.arange(cache_k.shape[2])
-            cached_ok = (slots[None, :] < q_offset) & (kv_mask[:, : slots.size] > 0)  # [B, S_max]
+            before = slots[None, :] < (q_offset[:, None] if per_row else q_offset)
+            cached_ok = before & (kv_mask[:, : slots.size] > 0)  # [B, S_max]
             parts_s.insert(0, scores(cache_k, jnp.broadcast_to(cached_ok[:, None, :], (batch, seq, slots.size))))
             parts_v.insert(0, cache_v)
         probs = jax.nn.softmax(jnp.concatenate(parts_s, axis=-1), axis=-1).astype(c.jnp_dtype)
@@ -145,9 +157,11 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         c = self.config
-        gate = _dense(c.intermediate_size, "gate_proj", c)(x)
-        up = _dense(c.intermediate_size, "up_proj", c)(x)
-        return _dense(c.hidden_size, "down_proj", c)(nn.silu(gate) * up)
+        # one matmul for the gate and up projections: [.., 2, F]
+        gate_up = nn.DenseGeneral((2, c.intermediate_size), use_bias=False, dtype=c.jnp_dtype,
+                                  param_dtype=c.jnp_param_dtype, kernel_init=nn.initializers.normal(0.02),
+                                  name="gate_up_proj")(x)
+        return _dense(c.hidden_size, "down_proj", c)(nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :])
 
 
 class DecoderLayer(nn.Module):
@@ -191,6 +205,11 @@ class Decoder(nn.Module):
         x = RMSNorm(c.rms_norm_eps, c.jnp_param_dtype, name="final_norm")(x)
         if cache is None:
             return x, KVCache(k, v)
+        if jnp.ndim(cache_index) == 1:  # row b's one new token goes to its own slot cache_index[b]: a scatter
+            rows = jnp.arange(cache.k.shape[1])
+            write = lambda buf, new: buf.at[:, rows, :, cache_index, :].set(  # noqa: E731
+                new[:, :, :, 0, :].swapaxes(0, 1).astype(buf.dtype))
+            return x, KVCache(write(cache.k, k), write(cache.v, v))
         # One small in-place write of every layer's new keys/values at the step's slots.
         start = (0, 0, 0, cache_index, 0)
         return x, KVCache(jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start),
@@ -198,6 +217,42 @@ class Decoder(nn.Module):
 
 
 TRUNK_KEYS = ("embed", "layers", "final_norm")
+
+
+def fuse_projections(config: ModelConfig, attn: dict, mlp: dict) -> tuple[dict, dict]:
+    """Split projections → the fused parameter layout. ``attn`` has ``{q,k,v,o}_proj`` (kernels
+    ``[L, D, H·Dh]`` …, q/k/v biases ``[L, H·Dh]`` when present), ``mlp`` ``{gate,up,down}_proj``;
+    returns ``attn`` with ``qkv_proj`` + ``o_proj`` and ``mlp`` with ``gate_up_proj`` + ``down_proj``.
+    Returns JAX arrays (:mod:`jaxppo.weights.hf` fuses on import with it)."""
+    hkv, dh = config.num_kv_heads, config.head_dim
+    g = config.num_heads // hkv
+
+    def grouped(x, heads_per_kv):  # [..., heads·Dh] → [..., H_kv, heads_per_kv, Dh]
+        return x.reshape(*x.shape[:-1], hkv, heads_per_kv, dh)
+
+    qkv = {"kernel": jnp.concatenate([grouped(attn[n]["kernel"], g if n == "q_proj" else 1)
+                                     for n in ("q_proj", "k_proj", "v_proj")], axis=-2)}
+    if "bias" in attn["q_proj"]:
+        qkv["bias"] = jnp.concatenate([grouped(attn[n]["bias"], g if n == "q_proj" else 1)
+                                      for n in ("q_proj", "k_proj", "v_proj")], axis=-2)
+    gate_up = {"kernel": jnp.stack([mlp["gate_proj"]["kernel"], mlp["up_proj"]["kernel"]], axis=-2)}
+    return {"qkv_proj": qkv, "o_proj": attn["o_proj"]}, {"gate_up_proj": gate_up, "down_proj": mlp["down_proj"]}
+
+
+def split_projections(config: ModelConfig, attn: dict, mlp: dict) -> tuple[dict, dict]:
+    """The inverse of :func:`fuse_projections`: ``{q,k,v,o}_proj`` and ``{gate,up,down}_proj``."""
+    g = config.num_heads // config.num_kv_heads
+
+    def flat(x):  # [..., H_kv, n, Dh] → [..., H_kv·n·Dh]
+        return x.reshape(*x.shape[:-3], -1)
+
+    out_attn = {}
+    for name, part in (("q_proj", slice(0, g)), ("k_proj", slice(g, g + 1)), ("v_proj", slice(g + 1, g + 2))):
+        out_attn[name] = {k: flat(v[..., part, :]) for k, v in attn["qkv_proj"].items()}
+    out_attn["o_proj"] = attn["o_proj"]
+    gate_up = mlp["gate_up_proj"]["kernel"]
+    return out_attn, {"gate_proj": {"kernel": gate_up[..., 0, :]}, "up_proj": {"kernel": gate_up[..., 1, :]},
+                      "down_proj": mlp["down_proj"]}
 
 
 def positions_from_mask(attention_mask: Array) -> Array:
@@ -222,7 +277,8 @@ def decoder_hidden(
     Without ``cache``: ``tokens``/``attention_mask`` are whole (left-padded) sequences and the
     returned :class:`KVCache` holds their keys/values (``[L, B, H_kv, S, D_h]``). With ``cache``:
     the tokens are written at slot ``cache_index`` of the cache and attend to the slots marked in
-    ``kv_mask`` ``[B, S_max]``; the updated cache is returned.
+    ``kv_mask`` ``[B, S_max]``; the updated cache is returned. ``cache_index`` may also be ``[B]``
+    (one token per row, ``S = 1``): row ``b``'s token is written at, and attends before, its own slot.
     """
     if tokens.ndim != 2:
         raise ValueError(f"decoder_hidden: `tokens` must have shape [B, S], got {tokens.shape}")

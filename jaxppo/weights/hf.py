@@ -11,6 +11,10 @@ kernels ``[in, out]``)::
     model.layers.{i}.post_attention_layernorm.weight   layers/post_attention_norm/scale[i]
     model.norm.weight                              final_norm/scale
     lm_head.weight                                 lm_head/kernel (transposed; untied models only)
+
+then Q/K/V and gate/up are fused into jaxppo's layout (``layers/attn/qkv_proj``,
+``layers/mlp/gate_up_proj``: :func:`jaxppo.models.llama.fuse_projections`) on import and split
+back on export.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import ml_dtypes
 import numpy as np
 
 from jaxppo.models.config import ModelConfig
+from jaxppo.models.llama import fuse_projections, split_projections
 
 _LAYER_LINEARS = {
     "self_attn.q_proj": ("attn", "q_proj"),
@@ -95,6 +100,7 @@ def params_from_hf(config: ModelConfig, tensors: Mapping[str, np.ndarray], *, so
         if config.attention_bias and hf in _BIASED:
             entry["bias"] = stack(f"{hf}.bias", shape[:1])
         layers[group][name] = entry
+    layers["attn"], layers["mlp"] = fuse_projections(config, layers["attn"], layers["mlp"])
     for hf, name in _LAYER_NORMS.items():
         layers[name] = {"scale": stack(f"{hf}.weight", (d,))}
     params = {
@@ -112,7 +118,8 @@ def hf_from_params(config: ModelConfig, params: Mapping) -> dict[str, np.ndarray
     def host(x):
         return np.ascontiguousarray(np.asarray(x))
 
-    layers = params["layers"]
+    layers = dict(params["layers"])
+    layers["attn"], layers["mlp"] = split_projections(config, layers["attn"], layers["mlp"])
     out = {
         "model.embed_tokens.weight": host(params["embed"]["embedding"]),
         "model.norm.weight": host(params["final_norm"]["scale"]),
