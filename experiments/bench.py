@@ -50,7 +50,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from experiments.bench_sampling import make_prompts
+from experiments.bench_sampling import hf_generate_fn, make_prompts
 from jaxppo.models.config import ModelConfig
 from jaxppo.models.heads import init_scalar_head
 from jaxppo.ppo import init_ppo, make_iteration, make_update
@@ -217,24 +217,10 @@ def bench_jaxppo(config, params, tokens, mask, epochs: int, iterations: int, pla
 
 
 def bench_hf_generate(tokens, mask, pad_token_id: int, repeats: int) -> dict:
-    import torch
-    import transformers
-
-    path = smollm2_gguf_path()
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                              dtype=torch.float32).eval()
-    tt, tm = torch.tensor(tokens, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
-
-    def run():
-        with torch.no_grad():
-            out = model.generate(tt, attention_mask=tm, do_sample=True, temperature=TEMPERATURE, top_k=0, top_p=1.0,
-                                 max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, pad_token_id=pad_token_id,
-                                 use_cache=True)
-        assert out.shape[1] - tokens.shape[1] == NEW_TOKENS
-
+    run, info = hf_generate_fn(tokens, mask, pad_token_id=pad_token_id, new_tokens=NEW_TOKENS,
+                               temperature=TEMPERATURE)
     first, times = timed(run, repeats)
-    return {"tokens_per_s": BATCH * NEW_TOKENS / statistics.median(times), "torch_threads": torch.get_num_threads(),
-            "torch_version": torch.__version__, "transformers_version": transformers.__version__}
+    return {"tokens_per_s": BATCH * NEW_TOKENS / statistics.median(times), **info}
 
 
 def bench_trl(python: str, model_dir: Path, prompts_file: Path, epochs: int, iterations: int) -> dict:

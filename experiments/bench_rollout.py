@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.bench_sampling import interleaved, make_prompts
+from experiments.bench_sampling import hf_generate_fn, interleaved, make_prompts
 from jaxppo.engine import make_generator
 from jaxppo.sampling import SamplingParams, sample
 from jaxppo.weights import load_pretrained
@@ -132,24 +132,8 @@ def main(argv=None) -> dict:
            "engine": lambda: jax.block_until_ready(u_engine(params, u_tokens, u_mask, jax.random.key(next(keys))))}
     hf_info = {}
     if not args.skip_hf:
-        import torch
-        import transformers
-
-        path = smollm2_gguf_path()
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                                  dtype=torch.float32).eval()
-        tt, tm = torch.tensor(np.asarray(u_tokens), dtype=torch.long), torch.tensor(np.asarray(u_mask), dtype=torch.long)
-
-        def run_hf():
-            with torch.no_grad():
-                o = model.generate(tt, attention_mask=tm, do_sample=True, temperature=TEMPERATURE, top_k=0, top_p=1.0,
-                                   max_new_tokens=UNIFORM_TOKENS, min_new_tokens=UNIFORM_TOKENS, pad_token_id=pad,
-                                   use_cache=True)
-            assert o.shape[1] - tt.shape[1] == UNIFORM_TOKENS
-
-        fns["transformers generate"] = run_hf
-        hf_info = {"torch_version": torch.__version__, "transformers_version": transformers.__version__,
-                   "torch_threads": torch.get_num_threads()}
+        fns["transformers generate"], hf_info = hf_generate_fn(u_tokens, u_mask, pad_token_id=pad,
+                                                               new_tokens=UNIFORM_TOKENS, temperature=TEMPERATURE)
     u_first, u_times = interleaved(fns, args.repeats)
     u_rate = {k: n_uniform / statistics.median(v) for k, v in u_times.items()}
     print(f"\n{'uniform (16 × 64 forced tokens)':<34} {'compile/warm-up s':>18} {'seconds':>9} {'tokens/s':>16}")

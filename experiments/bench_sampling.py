@@ -40,6 +40,31 @@ def make_prompts(tokenizer, batch: int, max_len: int = 64):
     return tokens, mask
 
 
+def hf_generate_fn(tokens, mask, *, pad_token_id: int, new_tokens: int, temperature: float):
+    """``(run, info)``: ``run()`` samples exactly ``new_tokens`` tokens (KV cache, no early stop) for the
+    left-padded ``[B, P]`` prompts with transformers ``generate`` on the SmolLM2 GGUF in fp32; ``info``
+    holds the torch / transformers versions and torch's thread count."""
+    import torch
+    import transformers
+
+    path = smollm2_gguf_path()
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                              dtype=torch.float32).eval()
+    tt = torch.tensor(np.asarray(tokens), dtype=torch.long)
+    tm = torch.tensor(np.asarray(mask), dtype=torch.long)
+
+    def run():
+        with torch.no_grad():
+            out = model.generate(tt, attention_mask=tm, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                                 max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad_token_id,
+                                 use_cache=True)
+        assert out.shape[1] - tt.shape[1] == new_tokens
+
+    info = {"torch_version": torch.__version__, "transformers_version": transformers.__version__,
+            "torch_threads": torch.get_num_threads()}
+    return run, info
+
+
 def interleaved(fns: dict, repeats: int) -> tuple[dict, dict]:
     """First-call seconds and timed seconds of each fn, run in turn (a, b, a, b, …).
 
@@ -66,10 +91,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     import torch
-    import transformers
 
-    path = smollm2_gguf_path()
-    config, params, tokenizer = load_pretrained(path)
+    config, params, tokenizer = load_pretrained(smollm2_gguf_path())
     tokens, mask = make_prompts(tokenizer, args.batch)
     n_tokens = args.batch * args.new_tokens
     print(f"SmolLM2-135M-Instruct fp32, batch {args.batch}, prompt length {tokens.shape[1]} (left-padded), "
@@ -86,15 +109,8 @@ def main(argv=None) -> None:
         jax.block_until_ready(out.tokens)
         assert int(out.mask.sum()) == n_tokens
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
-    tt, tm = torch.tensor(tokens, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
-
-    def run_hf():
-        with torch.no_grad():
-            out = model.generate(tt, attention_mask=tm, do_sample=True, temperature=0.7, top_k=0, top_p=1.0,
-                                 max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                                 pad_token_id=tokenizer.pad_token_id, use_cache=True)
-        assert out.shape[1] - tokens.shape[1] == args.new_tokens
+    run_hf, _ = hf_generate_fn(tokens, mask, pad_token_id=tokenizer.pad_token_id, new_tokens=args.new_tokens,
+                               temperature=0.7)
 
     first, times = interleaved({"jaxppo": run_jax, "transformers": run_hf}, args.repeats)
     names = {"jaxppo": "jaxppo (jit, lax.while_loop)", "transformers": "transformers generate"}

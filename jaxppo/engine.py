@@ -101,18 +101,15 @@ def generate(
     ``min(slots, N)`` slots; see the module docstring. ``request_ids`` / ``max_lengths`` as in
     :func:`jaxppo.sampling.sample` (each row's key id and length cap). ``min_slots`` is the narrowest
     width the drain compacts to (1: down to one row; under a mesh at least the batch axis' shard
-    count). Pure and jittable (``config``, ``sampling``, ``slots`` and ``min_slots`` static). Returns the same :class:`SampleOutput` as ``sample`` and
-    the :class:`EngineStats`.
+    count). Pure and jittable (``config``, ``sampling``, ``slots`` and ``min_slots`` static).
+    Returns the same :class:`SampleOutput` as ``sample`` and the :class:`EngineStats`.
     """
-    if prompt_tokens.ndim != 2 or prompt_mask.shape != prompt_tokens.shape:
-        raise ValueError(f"generate: `prompt_tokens` [N, P] and `prompt_mask` must match, got "
-                         f"{prompt_tokens.shape} and {prompt_mask.shape}")
     if slots < 1 or min_slots < 1:
         raise ValueError(f"generate: `slots` and `min_slots` must be >= 1, got {slots} and {min_slots}")
-    n_req, prompt_len = prompt_tokens.shape
     n_new = sampling.max_new_tokens
-    prompt_mask = prompt_mask.astype(jnp.int32)
-    request_ids, max_lengths = check_requests("generate", n_req, request_ids, max_lengths, n_new)
+    prompt_mask, request_ids, max_lengths = check_requests("generate", prompt_tokens, prompt_mask, request_ids,
+                                                           max_lengths, n_new)
+    n_req, prompt_len = prompt_tokens.shape
     width = min(slots, n_req)
     min_slots = min(width, max(min_slots, batch_shards()))  # under a mesh: at least one row per batch shard
     total = prompt_len + n_new

@@ -124,9 +124,14 @@ def choose(logits: Array, keys: Array, *, sampling: SamplingParams) -> tuple[Arr
     return token.astype(jnp.int32), jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
 
 
-def check_requests(name: str, batch: int, request_ids: Array | None, max_lengths: Array | None,
-                   max_new_tokens: int) -> tuple[Array, Array]:
-    """``request_ids`` (default ``0..B−1``) and ``max_lengths`` (default ``max_new_tokens``) as int32 ``[B]``."""
+def check_requests(name: str, prompt_tokens: Array, prompt_mask: Array, request_ids: Array | None,
+                   max_lengths: Array | None, max_new_tokens: int) -> tuple[Array, Array, Array]:
+    """The checked inputs of a sampler ``name``: ``prompt_mask`` as int32, ``request_ids`` (default
+    ``0..B−1``) and ``max_lengths`` (default ``max_new_tokens``) as int32 ``[B]``."""
+    if prompt_tokens.ndim != 2 or prompt_mask.shape != prompt_tokens.shape:
+        raise ValueError(f"{name}: `prompt_tokens` [B, P] and `prompt_mask` must match, got "
+                         f"{prompt_tokens.shape} and {prompt_mask.shape}")
+    batch = prompt_tokens.shape[0]
     if request_ids is None:
         request_ids = jnp.arange(batch, dtype=jnp.int32)
     if max_lengths is None:
@@ -134,7 +139,8 @@ def check_requests(name: str, batch: int, request_ids: Array | None, max_lengths
     for arg, x in (("request_ids", request_ids), ("max_lengths", max_lengths)):
         if jnp.shape(x) != (batch,):
             raise ValueError(f"{name}: `{arg}` must have shape [{batch}] (one per prompt row), got {jnp.shape(x)}")
-    return jnp.asarray(request_ids, jnp.int32), jnp.minimum(jnp.asarray(max_lengths, jnp.int32), max_new_tokens)
+    return (prompt_mask.astype(jnp.int32), jnp.asarray(request_ids, jnp.int32),
+            jnp.minimum(jnp.asarray(max_lengths, jnp.int32), max_new_tokens))
 
 
 def sample(
@@ -155,13 +161,10 @@ def sample(
     row's response length (a row that reaches its cap stops without a stop token). Pure and jittable
     (``sampling`` and ``config`` static); see the module docstring.
     """
-    if prompt_tokens.ndim != 2 or prompt_mask.shape != prompt_tokens.shape:
-        raise ValueError(f"sample: `prompt_tokens` [B, P] and `prompt_mask` must match, got "
-                         f"{prompt_tokens.shape} and {prompt_mask.shape}")
     batch, prompt_len = prompt_tokens.shape
     n_new = sampling.max_new_tokens
-    prompt_mask = prompt_mask.astype(jnp.int32)
-    request_ids, max_lengths = check_requests("sample", batch, request_ids, max_lengths, n_new)
+    prompt_mask, request_ids, max_lengths = check_requests("sample", prompt_tokens, prompt_mask, request_ids,
+                                                           max_lengths, n_new)
 
     hidden, prompt_kv = decoder_hidden(config, params, prompt_tokens, prompt_mask)
     pad_kv = jnp.zeros(prompt_kv.k.shape[:3] + (n_new,) + prompt_kv.k.shape[4:], prompt_kv.k.dtype)

@@ -248,22 +248,28 @@ def to_host(x) -> np.ndarray:
     return np.asarray(x)
 
 
+def _current_mesh():
+    """The mesh set by :func:`jax.set_mesh` when it has jaxppo's axes, else None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty or not set(AXES) <= set(mesh.axis_names) else mesh
+
+
 def constrain(x: jax.Array, spec: P) -> jax.Array:
     """``with_sharding_constraint`` under the mesh set by :func:`jax.set_mesh`; a no-op without one.
 
     Lets model code state layouts (the KV cache) without taking a mesh argument: on one device,
     or when the caller set no mesh, nothing changes.
     """
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or not set(AXES) <= set(mesh.axis_names):
+    mesh = _current_mesh()
+    if mesh is None:
         return x
     return jax.lax.with_sharding_constraint(x, _fit_spec(spec, x.shape, mesh))
 
 
 def batch_shards() -> int:
     """How many ways the batch axis is split under the current mesh (``data × fsdp``); 1 without one."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or not set(AXES) <= set(mesh.axis_names):
+    mesh = _current_mesh()
+    if mesh is None:
         return 1
     return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
@@ -272,8 +278,8 @@ def constrain_tree(tree: Any, rules=RULES) -> Any:
     """Every array of ``tree`` constrained to its :data:`RULES` layout under the current mesh (a
     no-op without one). Jitted steps apply it to the states they return, so a donated state comes
     back in the layout it went in with and the step is not traced again."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or not set(AXES) <= set(mesh.axis_names):
+    mesh = _current_mesh()
+    if mesh is None:
         return tree
 
     def one(path, x):
