@@ -58,10 +58,22 @@ $(BENCH_GRPO_STAMP): Makefile
 	$(BENCH_GRPO_VENV)/bin/python -m pip install -q trl==1.16.0
 	touch $(BENCH_GRPO_STAMP)
 
-bench: $(STAMP) $(BENCH_STAMP) $(BENCH_GRPO_STAMP)
-	$(BIN)/python -m experiments.bench --trl-python $(BENCH_VENV)/bin/python --out bench.json $(ARGS)
+# The JAX peer for experiments/bench.py: Tunix 0.1.7 (Google's JAX post-training library; it pins its own jax/flax).
+BENCH_TUNIX_VENV := .venv-bench-tunix
+BENCH_TUNIX_STAMP := $(BENCH_TUNIX_VENV)/.installed
+
+$(BENCH_TUNIX_STAMP): Makefile
+	test -x $(BENCH_TUNIX_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_TUNIX_VENV)
+	$(BENCH_TUNIX_VENV)/bin/python -m pip install -q --upgrade pip
+	$(BENCH_TUNIX_VENV)/bin/python -m pip install -q google-tunix==0.1.7
+	touch $(BENCH_TUNIX_STAMP)
+
+bench: $(STAMP) $(BENCH_STAMP) $(BENCH_GRPO_STAMP) $(BENCH_TUNIX_STAMP)
+	$(BIN)/python -m experiments.bench --trl-python $(BENCH_VENV)/bin/python \
+		--tunix-python $(BENCH_TUNIX_VENV)/bin/python --out bench.json $(ARGS)
 	$(BIN)/python -m experiments.bench_grpo --trl-python $(BENCH_GRPO_VENV)/bin/python --out bench_grpo.json $(GRPO_ARGS)
 	$(BIN)/python -m experiments.bench_rollout --out bench_rollout.json
+	$(BIN)/python -m experiments.profile_rollout --out profile_rollout.json
 
 clean:
-	rm -rf $(VENV) $(BENCH_VENV) $(BENCH_GRPO_VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) $(BENCH_VENV) $(BENCH_GRPO_VENV) $(BENCH_TUNIX_VENV) *.egg-info .pytest_cache

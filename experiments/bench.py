@@ -1,9 +1,15 @@
-"""PPO on SmolLM2-135M-Instruct: jaxppo against TRL 1.12's PPOTrainer and transformers ``generate``, one run.
+"""PPO on SmolLM2-135M-Instruct: jaxppo against TRL 1.12's PPOTrainer, Tunix 0.1.7's PPOLearner and
+transformers ``generate``, one run.
 
-    make bench                                   # sets up both venvs, then runs this
+    make bench                                   # sets up the peers' venvs, then runs this
     python -m experiments.bench [--iterations 4] [--epochs 1 4] [--out FILE.json] [--trl-python PY]
+        [--tunix-python PY] [--skip-trl] [--skip-tunix]
 
-The work (identical on both sides): 16 chat prompts ("Write one sentence about <topic>.", ≤ 64
+The peers run one after the other, each in its own process and venv (``experiments/bench_trl.py``,
+``experiments/bench_tunix.py``: their docstrings say how each mirrors the work below); Tunix's
+process peaks at about 19 GB, never run it beside another big job.
+
+The work (identical on every side): 16 chat prompts ("Write one sentence about <topic>.", ≤ 64
 tokens, left-padded), 64 new tokens per prompt at temperature 0.7 with no stop token (every
 response has exactly 64 tokens, so both sides do the same arithmetic), actor + separate critic +
 frozen reference + frozen reward model (SmolLM2 trunk + scalar head), k1 KL in the reward (β 0.05),
@@ -28,6 +34,7 @@ temperature equals the forward pass up to float rounding: one actor forward pass
 changes the arithmetic of the update the MFU counts.
 
 The JSON (``--out``) has at least ``jaxppo_seconds_per_iteration``, ``trl_seconds_per_iteration``,
+``tunix_seconds_per_iteration``,
 ``jaxppo_rollout_tokens_per_s``, ``hf_generate_tokens_per_s``, ``update_mfu`` and
 ``compiles_per_function`` (for the first epochs setting; every setting is under ``settings``).
 """
@@ -64,6 +71,7 @@ from jaxppo.weights.hf import save_pretrained
 
 ROOT = Path(__file__).resolve().parent.parent
 BATCH, NEW_TOKENS, TEMPERATURE = 16, 64, 0.7
+PEERS = {"trl": "TRL 1.12 PPOTrainer", "tunix": "Tunix 0.1.7 PPOLearner"}
 
 
 def timed(fn, repeats: int) -> tuple[float, list[float]]:
@@ -172,13 +180,19 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def bench_ppo_config(*, epochs: int, iterations: int, plain: bool) -> PPOConfig:
+    """The PPO settings of the benchmark's work (the TRL and Tunix sides mirror them)."""
+    return PPOConfig(iterations=iterations, batch_size=BATCH, minibatches=1, epochs=epochs,
+                     max_new_tokens=NEW_TOKENS, sampler_logprobs=not plain, temperature=TEMPERATURE,
+                     stop_token_ids=(), pad_token_id=0, missing_eos_penalty=0.0, kl_coef=0.05, kl_estimator="k1",
+                     clip_eps=0.2, value_clip_eps=0.2, vf_coef=0.1, gamma=1.0, lam=0.95, learning_rate=1e-6,
+                     critic="separate")
+
+
 def bench_jaxppo(config, params, tokens, mask, epochs: int, iterations: int, plain: bool) -> dict:
     if not plain:
         config = dataclasses.replace(config, remat=True, remat_policy="dots")
-    ppo = PPOConfig(iterations=iterations, batch_size=BATCH, minibatches=1, epochs=epochs, max_new_tokens=NEW_TOKENS,
-                    sampler_logprobs=not plain, temperature=TEMPERATURE, stop_token_ids=(), pad_token_id=0,
-                    missing_eos_penalty=0.0, kl_coef=0.05, kl_estimator="k1", clip_eps=0.2, value_clip_eps=0.2,
-                    vf_coef=0.1, gamma=1.0, lam=0.95, learning_rate=1e-6, critic="separate")
+    ppo = bench_ppo_config(epochs=epochs, iterations=iterations, plain=plain)
     reward = {**{k: v for k, v in params.items() if k != "lm_head"},
               "reward_head": init_scalar_head(config, jax.random.key(1), "reward_head")}
     mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
@@ -223,14 +237,15 @@ def bench_hf_generate(tokens, mask, pad_token_id: int, repeats: int) -> dict:
     return {"tokens_per_s": BATCH * NEW_TOKENS / statistics.median(times), **info}
 
 
-def bench_trl(python: str, model_dir: Path, prompts_file: Path, epochs: int, iterations: int) -> dict:
-    out = Path(tempfile.mkdtemp(prefix="jaxppo-bench-")) / f"trl_{epochs}.json"
-    cmd = [python, str(ROOT / "experiments" / "bench_trl.py"), "--model", str(model_dir), "--prompts",
-           str(prompts_file), "--epochs", str(epochs), "--iterations", str(iterations), "--new-tokens",
-           str(NEW_TOKENS), "--out", str(out)]
+def bench_peer(script: str, python: str, model_dir: Path, prompts_file: Path, epochs: int, iterations: int) -> dict:
+    """Runs a peer's side (``experiments/bench_trl.py`` or ``bench_tunix.py``) in its own venv; its JSON."""
+    out = Path(tempfile.mkdtemp(prefix="jaxppo-bench-")) / f"{Path(script).stem}_{epochs}.json"
+    cmd = [python, str(ROOT / "experiments" / script), "--model", str(model_dir), "--prompts", str(prompts_file),
+           "--epochs", str(epochs), "--iterations", str(iterations), "--new-tokens", str(NEW_TOKENS), "--out",
+           str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"TRL benchmark failed ({' '.join(cmd)}):\n{proc.stderr[-4000:]}")
+        raise RuntimeError(f"peer benchmark failed ({' '.join(cmd)}):\n{proc.stderr[-4000:]}")
     return json.loads(out.read_text())
 
 
@@ -240,7 +255,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--epochs", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--trl-python", default=str(ROOT / ".venv-bench" / "bin" / "python"),
                         help="python of the venv with torch==2.13.0 and trl==1.12.0 (made by `make bench`)")
-    parser.add_argument("--skip-trl", action="store_true", help="jaxppo and transformers generate only")
+    parser.add_argument("--tunix-python", default=str(ROOT / ".venv-bench-tunix" / "bin" / "python"),
+                        help="python of the venv with google-tunix==0.1.7 (made by `make bench`)")
+    parser.add_argument("--skip-trl", action="store_true", help="without TRL")
+    parser.add_argument("--skip-tunix", action="store_true", help="without Tunix (its process peaks at ~19 GB)")
     parser.add_argument("--out", help="write the figures as JSON here")
     parser.add_argument("--plain", action="store_true",
                         help="jaxppo without remat(dots) and sampler log-probs (its library defaults)")
@@ -263,15 +281,20 @@ def main(argv=None) -> dict:
               flush=True)
     jax_rss = peak_rss_mib()
     hf = bench_hf_generate(tokens, mask, tokenizer.pad_token_id, args.iterations - 1)
-    if not args.skip_trl:
+    peers = {name: (script, python) for name, script, python, skip in (
+        ("trl", "bench_trl.py", args.trl_python, args.skip_trl),
+        ("tunix", "bench_tunix.py", args.tunix_python, args.skip_tunix)) if not skip}
+    if peers:
         with tempfile.TemporaryDirectory(prefix="jaxppo-bench-") as tmp:
             model_dir = save_pretrained(Path(tmp) / "smollm2", config, params, tokenizer)
             prompts_file = Path(tmp) / "prompts.json"
             prompts_file.write_text(json.dumps([row[m > 0].tolist() for row, m in zip(tokens, mask)]))
-            for epochs in args.epochs:
-                settings[epochs]["trl"] = bench_trl(args.trl_python, model_dir, prompts_file, epochs, args.iterations)
-                print(f"TRL, {epochs} epoch(s): {settings[epochs]['trl']['seconds_per_iteration']:.2f} s/iteration",
-                      flush=True)
+            for name, (script, python) in peers.items():  # one peer process at a time (Tunix's peaks at ~19 GB)
+                for epochs in args.epochs:
+                    settings[epochs][name] = bench_peer(script, python, model_dir, prompts_file, epochs,
+                                                        args.iterations)
+                    print(f"{PEERS[name]}, {epochs} epoch(s): "
+                          f"{settings[epochs][name]['seconds_per_iteration']:.2f} s/iteration", flush=True)
 
     peak = max(peak, matmul_peak())
     for setting in settings.values():
@@ -285,6 +308,7 @@ def main(argv=None) -> dict:
         "jaxppo_levers": None if args.plain else {"model.remat_policy": "dots", "ppo.sampler_logprobs": True},
         "jaxppo_seconds_per_iteration": first["jaxppo"]["seconds_per_iteration"],
         "trl_seconds_per_iteration": first["trl"]["seconds_per_iteration"] if "trl" in first else None,
+        "tunix_seconds_per_iteration": first["tunix"]["seconds_per_iteration"] if "tunix" in first else None,
         "jaxppo_rollout_tokens_per_s": first["jaxppo"]["rollout_tokens_per_s"],
         "jaxppo_sampler_tokens_per_s": first["jaxppo"]["sampler_tokens_per_s"],
         "hf_generate_tokens_per_s": hf["tokens_per_s"],
@@ -302,17 +326,20 @@ def main(argv=None) -> dict:
 
 def print_table(settings: dict, hf: dict, peak: float, jax_rss: float) -> None:
     rows = []
+    ratio = lambda a, b: f"{a / b:.2f}x" if b else "-"  # noqa: E731
     for epochs, s in settings.items():
-        j, t = s["jaxppo"], s.get("trl")
-        ratio = lambda a, b: f"{a / b:.2f}x" if b else "-"  # noqa: E731
-        rows.append((f"s / PPO iteration, {epochs} epoch(s)", f"{j['seconds_per_iteration']:.2f}",
-                     f"{t['seconds_per_iteration']:.2f}" if t else "-",
-                     ratio(t["seconds_per_iteration"], j["seconds_per_iteration"]) if t else "-", "TRL / jaxppo ≥ 2x"))
-        if t:
-            trl_gen = BATCH * NEW_TOKENS / t["generation_seconds_median"]
-            rows.append((f"rollout tokens/s, {epochs} ep (jaxppo rollout | TRL generation)",
-                         f"{j['rollout_tokens_per_s']:.0f}", f"{trl_gen:.0f}", ratio(j["rollout_tokens_per_s"], trl_gen),
-                         ""))
+        j = s["jaxppo"]
+        for name, label in PEERS.items():
+            t = s.get(name)
+            rows.append((f"s / PPO iteration, {epochs} epoch(s), vs {label}", f"{j['seconds_per_iteration']:.2f}",
+                         f"{t['seconds_per_iteration']:.2f}" if t else "-",
+                         ratio(t["seconds_per_iteration"], j["seconds_per_iteration"]) if t else "-",
+                         "peer / jaxppo ≥ 2x"))
+            if t:
+                gen = BATCH * NEW_TOKENS / t["generation_seconds_median"]
+                rows.append((f"rollout tokens/s, {epochs} ep (jaxppo rollout | {name} generation)",
+                             f"{j['rollout_tokens_per_s']:.0f}", f"{gen:.0f}", ratio(j["rollout_tokens_per_s"], gen),
+                             ""))
         rows.append((f"update tokens/s, {epochs} epoch(s)", f"{j['update_tokens_per_s']:.0f}", "", "", ""))
         rows.append((f"update MFU, {epochs} epoch(s) ({j['update_flops_per_s'] / 1e9:.0f} GFLOP/s)",
                      f"{100 * j['update_mfu']:.1f}%", "", "", "≥ 50%"))
@@ -321,8 +348,10 @@ def print_table(settings: dict, hf: dict, peak: float, jax_rss: float) -> None:
                      f"{j['update_compile_seconds']:.1f}", "", "", ""))
         rows.append((f"compilations per function, {epochs} ep",
                      " ".join(f"{k}={v}" for k, v in j["compiles_per_function"].items()), "", "", "each = 1"))
-        if t:
-            rows.append((f"peak RSS MiB, {epochs} ep", f"{jax_rss:.0f}", f"{t['peak_rss_mib']:.0f}", "", ""))
+        for name in PEERS:
+            if name in s:
+                rows.append((f"peak RSS MiB, {epochs} ep (jaxppo | {name})", f"{jax_rss:.0f}",
+                             f"{s[name]['peak_rss_mib']:.0f}", "", ""))
     j = next(iter(settings.values()))["jaxppo"]
     rows.append(("sampler tokens/s (jaxppo | transformers generate)", f"{j['sampler_tokens_per_s']:.0f}",
                  f"{hf['tokens_per_s']:.0f}", f"{j['sampler_tokens_per_s'] / hf['tokens_per_s']:.2f}x", "≥ 2x"))
@@ -336,7 +365,7 @@ def print_table(settings: dict, hf: dict, peak: float, jax_rss: float) -> None:
     print(f"\n{'':<{width}}  {'jaxppo':>22}  {'peer':>10}  {'ratio':>7}  goal")
     for name, a, b, r, goal in rows:
         print(f"{name:<{width}}  {a:>22}  {b:>10}  {r:>7}  {goal}")
-    print(f"(matmul peak {peak / 1e9:.0f} GFLOP/s fp32; peer = TRL 1.12 PPOTrainer, or transformers generate)")
+    print(f"(matmul peak {peak / 1e9:.0f} GFLOP/s fp32; peer = the named one, or transformers generate)")
 
 
 if __name__ == "__main__":

@@ -139,7 +139,9 @@ def generate(
                           active=s.active | live)
 
         count = jnp.sum(take.astype(jnp.int32))
-        return jax.lax.cond(count > 0, place, lambda s: s, s), next_request + count, count
+        with jax.named_scope("refill"):  # names for profiles (experiments/profile_rollout.py)
+            s = jax.lax.cond(count > 0, place, lambda s: s, s)
+        return s, next_request + count, count
 
     def decode_step(s: _Slots, out):
         tokens, mask, logp_out = out
@@ -150,9 +152,10 @@ def generate(
         token = jnp.where(live, token, sampling.pad_token_id)
         row = jnp.where(live, s.request, n_req)  # idle rows write nowhere
         col = jnp.minimum(s.step, n_new - 1)
-        tokens = tokens.at[row, col].set(token, mode="drop")
-        mask = mask.at[row, col].set(1.0, mode="drop")
-        logp_out = logp_out.at[row, col].set(logp, mode="drop")
+        with jax.named_scope("output_write"):
+            tokens = tokens.at[row, col].set(token, mode="drop")
+            mask = mask.at[row, col].set(1.0, mode="drop")
+            logp_out = logp_out.at[row, col].set(logp, mode="drop")
         finished = jnp.any(token[:, None] == stop_ids[None, :], axis=-1) | (s.step + 1 >= max_lengths[req])
         cache_index = prompt_len + col
         kv_mask = s.kv_mask.at[jnp.arange(live.shape[0]), cache_index].set(live.astype(jnp.int32))
@@ -190,10 +193,11 @@ def generate(
 
     def compact(s: _Slots, new_width: int) -> _Slots:
         """The live rows (at most ``new_width``) moved to the first ``new_width`` slots."""
-        order = jnp.argsort(~s.active, stable=True)[:new_width]
-        return _Slots(hidden=s.hidden[order], k=s.k[:, order], v=s.v[:, order], kv_mask=s.kv_mask[order],
-                      positions=s.positions[order], step=s.step[order], request=s.request[order],
-                      active=s.active[order])
+        with jax.named_scope("compact"):
+            order = jnp.argsort(~s.active, stable=True)[:new_width]
+            return _Slots(hidden=s.hidden[order], k=s.k[:, order], v=s.v[:, order], kv_mask=s.kv_mask[order],
+                          positions=s.positions[order], step=s.step[order], request=s.request[order],
+                          active=s.active[order])
 
     kv_shape = (pool_kv.k.shape[0], width, pool_kv.k.shape[2], total, pool_kv.k.shape[4])
     zeros_i = jnp.zeros((width,), jnp.int32)

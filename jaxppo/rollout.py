@@ -161,10 +161,12 @@ def make_rollout(
             raise ValueError(f"rollout: {prompt.shape[0]} prompt rows; expected oversample × batch_size = "
                              f"{ppo.oversample} × {ppo.batch_size} (each prompt repeated group_size times)")
         slots = ppo.decode_slots or prompt.shape[0]
-        out, engine = generate(actor_config, actor, prompt, prompt_mask, key, sampling=sampling, slots=slots,
-                               min_slots=ppo.decode_min_slots or slots)
+        with jax.named_scope("generate"):  # phase names for profiles (experiments/profile_rollout.py)
+            out, engine = generate(actor_config, actor, prompt, prompt_mask, key, sampling=sampling, slots=slots,
+                                   min_slots=ppo.decode_min_slots or slots)
         response, mask, sampler_logprobs = out.tokens, out.mask, out.logprobs
-        proxy, parts = proxy_scores(reward, (prompt, prompt_mask, response, mask))
+        with jax.named_scope("reward"):
+            proxy, parts = proxy_scores(reward, (prompt, prompt_mask, response, mask))
         stopped = jnp.any((mask > 0) & jnp.isin(response, jnp.asarray(ppo.stop_token_ids or (-1,))), axis=1)
         # without stop tokens no response can stop: there is nothing to penalise
         penalty = ppo.missing_eos_penalty if ppo.stop_token_ids else 0.0
@@ -187,13 +189,16 @@ def make_rollout(
         def score(args):  # the scoring passes over (a micro-batch of) the episodes
             logprobs, values, ref_logprobs = None, None, None
             if shared or not ppo.sampler_logprobs:
-                logprobs, values, _ = response_logprobs(actor_config, actor, *args, temperature=ppo.temperature,
-                                                        value_head="value_head" if shared else None)
+                with jax.named_scope("actor"):
+                    logprobs, values, _ = response_logprobs(actor_config, actor, *args, temperature=ppo.temperature,
+                                                            value_head="value_head" if shared else None)
             if separate:
-                values = response_values(critic_config, critic, *args)
+                with jax.named_scope("critic"):
+                    values = response_values(critic_config, critic, *args)
             if with_reference:
-                ref_logprobs, _, _ = response_logprobs(reference_config, reference, *args,
-                                                       temperature=ppo.temperature)
+                with jax.named_scope("reference"):
+                    ref_logprobs, _, _ = response_logprobs(reference_config, reference, *args,
+                                                           temperature=ppo.temperature)
             return logprobs, values, ref_logprobs
 
         old_logprobs, values, ref_logprobs = micro_batched(score, args, micro_batches=ppo.score_micro_batches)

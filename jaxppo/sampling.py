@@ -113,15 +113,16 @@ def categorical_inverse_cdf(keys: Array, logits: Array) -> Array:
 def choose(logits: Array, keys: Array, *, sampling: SamplingParams) -> tuple[Array, Array]:
     """The next token ``[B]`` (int32) of each row and its log-prob at the sampling temperature (before
     top-k/top-p; τ = 1 when greedy). ``keys`` ``[B]``: each row's key (:func:`token_keys`)."""
-    if sampling.temperature == 0:
-        token = jnp.argmax(logits, axis=-1)
-        logp = jax.nn.log_softmax(logits, axis=-1)
-    else:
-        scaled = logits / sampling.temperature
-        logp = jax.nn.log_softmax(scaled, axis=-1)
-        filtered = filter_logits(scaled, top_k=sampling.top_k, top_p=sampling.top_p)
-        token = categorical_inverse_cdf(keys, filtered)
-    return token.astype(jnp.int32), jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
+    with jax.named_scope("sampling"):  # a name for profiles (experiments/profile_rollout.py)
+        if sampling.temperature == 0:
+            token = jnp.argmax(logits, axis=-1)
+            logp = jax.nn.log_softmax(logits, axis=-1)
+        else:
+            scaled = logits / sampling.temperature
+            logp = jax.nn.log_softmax(scaled, axis=-1)
+            filtered = filter_logits(scaled, top_k=sampling.top_k, top_p=sampling.top_p)
+            token = categorical_inverse_cdf(keys, filtered)
+        return token.astype(jnp.int32), jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
 
 
 def check_requests(name: str, prompt_tokens: Array, prompt_mask: Array, request_ids: Array | None,

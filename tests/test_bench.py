@@ -50,3 +50,42 @@ def test_long_tail_workload_is_long_tailed():
     assert 0.2 * LONG_MAX <= caps.mean() <= 0.3 * LONG_MAX
     assert np.median(caps) < caps.mean() and caps.max() >= 3 * caps.mean()  # skewed: a long tail
     np.testing.assert_array_equal(caps, long_tail_caps())  # seeded: the same workload every run
+
+
+def test_own_times_subtract_nested_events():
+    """A thunk's own time is its duration less that of the thunks directly inside it (per thread)."""
+    from experiments.profile_rollout import own_times
+
+    events = [  # thread 1: while [0, 100) ⊃ a [10, 30), b [40, 90) ⊃ c [50, 60); thread 2: d [0, 20)
+        {"ph": "X", "name": "while", "ts": 0, "dur": 100, "pid": 1, "tid": 1},
+        {"ph": "X", "name": "a", "ts": 10, "dur": 20, "pid": 1, "tid": 1},
+        {"ph": "X", "name": "b", "ts": 40, "dur": 50, "pid": 1, "tid": 1},
+        {"ph": "X", "name": "c", "ts": 50, "dur": 10, "pid": 1, "tid": 1},
+        {"ph": "X", "name": "a", "ts": 0, "dur": 20, "pid": 1, "tid": 2},
+        {"ph": "i", "name": "marker", "ts": 5, "pid": 1, "tid": 1},
+    ]
+    assert own_times(events) == {"while": 30, "a": 40, "b": 40, "c": 10}
+
+
+def test_engine_profile_names_every_kind_of_work():
+    """The profile of a tiny engine run (a queue: refills) finds each kind the named scopes mark, and
+    the per-op times add up to no more than the call's wall time."""
+    import time
+
+    from experiments.profile_rollout import by_kind, profile
+    from jaxppo.engine import make_generator
+    from jaxppo.sampling import SamplingParams
+
+    config = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                         num_kv_heads=2, head_dim=8)
+    params = init_params(config, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (6, 5), 3, 64)
+    mask = jnp.ones_like(tokens)
+    generator = make_generator(config, SamplingParams(max_new_tokens=4, temperature=1.0), slots=2)
+    start = time.perf_counter()
+    seconds = profile(generator, params, tokens, mask, jax.random.key(2))
+    assert sum(seconds.values()) < time.perf_counter() - start
+    split = by_kind(seconds)
+    for kind in ("weight matmuls", "attention", "sampling", "cache + output writes", "refill + compaction",
+                 "prefill"):
+        assert split[kind] > 0, (kind, split)

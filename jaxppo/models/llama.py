@@ -205,15 +205,16 @@ class Decoder(nn.Module):
         x = RMSNorm(c.rms_norm_eps, c.jnp_param_dtype, name="final_norm")(x)
         if cache is None:
             return x, KVCache(k, v)
-        if jnp.ndim(cache_index) == 1:  # row b's one new token goes to its own slot cache_index[b]: a scatter
-            rows = jnp.arange(cache.k.shape[1])
-            write = lambda buf, new: buf.at[:, rows, :, cache_index, :].set(  # noqa: E731
-                new[:, :, :, 0, :].swapaxes(0, 1).astype(buf.dtype))
-            return x, KVCache(write(cache.k, k), write(cache.v, v))
-        # One small in-place write of every layer's new keys/values at the step's slots.
-        start = (0, 0, 0, cache_index, 0)
-        return x, KVCache(jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start),
-                          jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start))
+        with jax.named_scope("cache_write"):  # a name for profiles (experiments/profile_rollout.py)
+            if jnp.ndim(cache_index) == 1:  # row b's one new token goes to its own slot cache_index[b]: a scatter
+                rows = jnp.arange(cache.k.shape[1])
+                write = lambda buf, new: buf.at[:, rows, :, cache_index, :].set(  # noqa: E731
+                    new[:, :, :, 0, :].swapaxes(0, 1).astype(buf.dtype))
+                return x, KVCache(write(cache.k, k), write(cache.v, v))
+            # One small in-place write of every layer's new keys/values at the step's slots.
+            start = (0, 0, 0, cache_index, 0)
+            return x, KVCache(jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start),
+                              jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start))
 
 
 TRUNK_KEYS = ("embed", "layers", "final_norm")
