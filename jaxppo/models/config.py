@@ -78,6 +78,7 @@ class ModelConfig:
     dtype: str = "float32"  # matmul compute dtype: float32, bfloat16 or float16 (norms, softmax, logits: float32)
     remat: bool = False  # recompute each decoder layer in the backward pass: less memory, more compute
     remat_policy: str = "nothing"  # with remat, what each layer keeps: "nothing" or "dots" (matmul outputs)
+    lora_scale: float = 1.0  # LoRA's output scale s = α / r where params hold adapters (jaxppo.lora); set from `lora`
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",

@@ -38,6 +38,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxppo.lora import fused_delta
 from jaxppo.models.config import REMAT_POLICIES, ModelConfig
 
 Array = jax.Array
@@ -114,6 +115,10 @@ class Attention(nn.Module):
         qkv = nn.DenseGeneral((c.num_kv_heads, groups + 2, c.head_dim), use_bias=c.attention_bias, dtype=c.jnp_dtype,
                               param_dtype=c.jnp_param_dtype, kernel_init=nn.initializers.normal(0.02),
                               name="qkv_proj")(x)  # [B, S, H_kv, G + 2, D_h]
+        lora = self.variables.get("lora", {})  # this layer's LoRA adapters, if any (jaxppo.lora)
+        delta = fused_delta(x, lora, (("q", groups), ("k", 1), ("v", 1)), (c.num_kv_heads, groups + 2, c.head_dim),
+                            scale=c.lora_scale)
+        qkv = qkv if delta is None else qkv + delta
         q = apply_rope(qkv[:, :, :, :groups].reshape(batch, seq, c.num_heads, c.head_dim), cos, sin)
         k = apply_rope(qkv[:, :, :, groups], cos, sin).transpose(0, 2, 1, 3)
         v = qkv[:, :, :, groups + 1].transpose(0, 2, 1, 3)  # [B, H_kv, S, D_h]
@@ -148,7 +153,9 @@ class Attention(nn.Module):
             out = out + jnp.einsum("bhgqk,bhkd->bqhgd", probs[..., start:start + width], part_v.astype(c.jnp_dtype))
             start += width
         out = out.reshape(batch, seq, c.num_heads * c.head_dim)
-        return _dense(c.hidden_size, "o_proj", c)(out), (k, v)
+        y = _dense(c.hidden_size, "o_proj", c)(out)
+        delta = fused_delta(out, lora, (("o", 0),), (c.hidden_size,), scale=c.lora_scale)
+        return (y if delta is None else y + delta), (k, v)
 
 
 class MLP(nn.Module):
@@ -161,7 +168,13 @@ class MLP(nn.Module):
         gate_up = nn.DenseGeneral((2, c.intermediate_size), use_bias=False, dtype=c.jnp_dtype,
                                   param_dtype=c.jnp_param_dtype, kernel_init=nn.initializers.normal(0.02),
                                   name="gate_up_proj")(x)
-        return _dense(c.hidden_size, "down_proj", c)(nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :])
+        lora = self.variables.get("lora", {})  # this layer's LoRA adapters, if any (jaxppo.lora)
+        delta = fused_delta(x, lora, (("gate", 1), ("up", 1)), (2, c.intermediate_size), scale=c.lora_scale)
+        gate_up = gate_up if delta is None else gate_up + delta
+        h = nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :]
+        y = _dense(c.hidden_size, "down_proj", c)(h)
+        delta = fused_delta(h, lora, (("down", 0),), (c.hidden_size,), scale=c.lora_scale)
+        return y if delta is None else y + delta
 
 
 class DecoderLayer(nn.Module):
@@ -195,7 +208,7 @@ class Decoder(nn.Module):
             layer = nn.remat(layer, prevent_cse=False, policy=REMAT_POLICIES[c.remat_policy])
         scanned = nn.scan(
             layer,
-            variable_axes={"params": 0},
+            variable_axes={"params": 0, "lora": 0},
             split_rngs={"params": True},
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
             length=c.num_layers,
@@ -289,8 +302,10 @@ def decoder_hidden(
         positions = positions_from_mask(attention_mask)
     if kv_mask is None:
         kv_mask = attention_mask
-    trunk = {k: params[k] for k in TRUNK_KEYS}
-    hidden, kv = Decoder(config).apply({"params": trunk}, tokens, positions, kv_mask, cache, cache_index)
+    variables = {"params": {k: params[k] for k in TRUNK_KEYS}}
+    if "lora" in params:  # LoRA adapters (jaxppo.lora) on the projections
+        variables["lora"] = params["lora"]
+    hidden, kv = Decoder(config).apply(variables, tokens, positions, kv_mask, cache, cache_index)
     return hidden.astype(jnp.float32), kv
 
 

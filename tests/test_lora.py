@@ -1,0 +1,193 @@
+"""LoRA adapters on the fused projections (jaxppo.lora): exact at initialisation, equal to the merged
+weights after training, per Hugging Face projection as W + s·A·B in float64, and the sampler/engine
+run the adapted model unchanged."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxppo.engine import generate
+from jaxppo.lora import TARGETS, init_adapters, merge, scaling, shapes
+from jaxppo.models import ModelConfig, decoder_hidden, init_params
+from jaxppo.models.llama import split_projections
+from jaxppo.sampling import SamplingParams, sample
+
+# grouped-query attention with G = 2 query heads per KV head, 2 layers, Qwen2-style q/k/v biases
+CONFIG = ModelConfig(vocab_size=40, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
+                     head_dim=8, attention_bias=True, lora_scale=scaling(rank=4, alpha=8.0))
+RANK = 4
+
+
+def tokens_and_mask(batch=3, length=7, seed=0):
+    rng = np.random.default_rng(seed)
+    tokens = jnp.asarray(rng.integers(1, CONFIG.vocab_size, (batch, length)), jnp.int32)
+    mask = np.ones((batch, length), np.int32)
+    mask[0, :3] = 0  # left padding
+    return tokens, jnp.asarray(mask)
+
+
+def trained(adapters: dict, key) -> dict:
+    """Adapters as after some training: every B non-zero (and A moved)."""
+    leaves, treedef = jax.tree.flatten(adapters)
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree.unflatten(treedef, [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+
+@pytest.fixture(scope="module")
+def params():
+    return init_params(CONFIG, jax.random.key(0))
+
+
+@pytest.mark.parametrize("targets", [TARGETS, ("q", "v"), ("k", "o", "down"), ("up",)])
+def test_adapted_model_is_the_base_model_at_initialisation(params, targets):
+    """B = 0: the adapted forward equals the base forward bit for bit, whatever the targets."""
+    lora = init_adapters(CONFIG, jax.random.key(1), rank=RANK, targets=targets)
+    tokens, mask = tokens_and_mask()
+    base, _ = decoder_hidden(CONFIG, params, tokens, mask)
+    adapted, _ = decoder_hidden(CONFIG, {**params, "lora": lora}, tokens, mask)
+    np.testing.assert_array_equal(adapted, base)
+
+
+@pytest.mark.parametrize("targets", [TARGETS, ("q", "v"), ("gate", "o")])
+def test_adapted_model_equals_the_merged_weights(params, targets):
+    lora = trained(init_adapters(CONFIG, jax.random.key(1), rank=RANK, targets=targets), jax.random.key(2))
+    tokens, mask = tokens_and_mask()
+    adapted, kv = decoder_hidden(CONFIG, {**params, "lora": lora}, tokens, mask)
+    merged_params = merge(CONFIG, {**params, "lora": lora})
+    assert "lora" not in merged_params
+    merged, merged_kv = decoder_hidden(CONFIG, merged_params, tokens, mask)
+    base, _ = decoder_hidden(CONFIG, params, tokens, mask)
+    assert float(jnp.max(jnp.abs(adapted - base))) > 1e-2  # the adapters do change the function
+    np.testing.assert_allclose(adapted, merged, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(kv.k, merged_kv.k, atol=1e-5, rtol=1e-5)
+
+
+def test_merge_is_w_plus_s_a_b_per_hugging_face_projection(params):
+    """Split back to q/k/v/o/gate/up/down, each merged kernel is W + s·A·B (float64, by hand), with
+    A [in, r] and B reshaped to the projection's [r, out]."""
+    lora = trained(init_adapters(CONFIG, jax.random.key(1), rank=RANK), jax.random.key(3))
+    merged = merge(CONFIG, {**params, "lora": lora})
+    split = lambda p: split_projections(CONFIG, p["layers"]["attn"], p["layers"]["mlp"])  # noqa: E731
+    (base_attn, base_mlp), (new_attn, new_mlp) = split(params), split(merged)
+    s = CONFIG.lora_scale
+    for name in TARGETS:
+        group = "attn" if name in ("q", "k", "v", "o") else "mlp"
+        hf = f"{name}_proj"
+        w = np.asarray((base_attn if group == "attn" else base_mlp)[hf]["kernel"], np.float64)
+        got = np.asarray((new_attn if group == "attn" else new_mlp)[hf]["kernel"], np.float64)
+        a = np.asarray(lora["layers"][group][f"{name}_a"], np.float64)
+        b = np.asarray(lora["layers"][group][f"{name}_b"], np.float64).reshape(CONFIG.num_layers, RANK, -1)
+        for layer in range(CONFIG.num_layers):
+            np.testing.assert_allclose(got[layer], w[layer] + s * a[layer] @ b[layer], atol=1e-5, err_msg=hf)
+    np.testing.assert_array_equal(merged["layers"]["attn"]["qkv_proj"]["bias"],
+                                  params["layers"]["attn"]["qkv_proj"]["bias"])  # biases carry no adapter
+
+
+def test_shapes_and_initialisation():
+    lora = init_adapters(CONFIG, jax.random.key(1), rank=RANK)
+    for name, (a_shape, b_shape) in shapes(CONFIG, RANK).items():
+        group = lora["layers"]["attn" if name in ("q", "k", "v", "o") else "mlp"]
+        a, b = group[f"{name}_a"], group[f"{name}_b"]
+        assert a.shape == (CONFIG.num_layers, *a_shape) and b.shape == (CONFIG.num_layers, *b_shape)
+        assert np.all(np.asarray(b) == 0) and float(jnp.max(jnp.abs(a))) <= 1 / np.sqrt(a_shape[0])
+        assert float(jnp.std(a)) > 0.5 / np.sqrt(3 * a_shape[0])  # U(±1/√in) has std 1/√(3·in)
+    assert scaling(rank=4, alpha=8.0) == 2.0 and scaling(rank=4, alpha=8.0, rslora=True) == 4.0
+    with pytest.raises(ValueError, match="targets"):
+        init_adapters(CONFIG, jax.random.key(1), rank=RANK, targets=("q_proj",))
+    with pytest.raises(ValueError, match="rank"):
+        init_adapters(CONFIG, jax.random.key(1), rank=0)
+
+
+def test_gradients_reach_every_adapter(params):
+    """With the base closed over, the loss's gradient w.r.t. the adapter tree: B's is non-zero at
+    initialisation (A's is zero there, as LoRA's B = 0 implies) and both are non-zero once B ≠ 0."""
+    tokens, mask = tokens_and_mask()
+
+    def loss(lora):
+        hidden, _ = decoder_hidden(CONFIG, {**params, "lora": lora}, tokens, mask)
+        return jnp.sum(jnp.sin(hidden))
+
+    lora = init_adapters(CONFIG, jax.random.key(1), rank=RANK)
+    grads = jax.grad(loss)(lora)
+    for path, g in jax.tree_util.tree_leaves_with_path(grads):
+        name = jax.tree_util.keystr(path)
+        assert (float(jnp.max(jnp.abs(g))) > 0) == name.endswith("_b']"), name
+    for path, g in jax.tree_util.tree_leaves_with_path(jax.grad(loss)(trained(lora, jax.random.key(4)))):
+        assert float(jnp.max(jnp.abs(g))) > 0, jax.tree_util.keystr(path)
+
+
+def test_sampler_and_engine_run_the_adapted_model(params):
+    """The static sampler and the slot-refill engine with adapters give the merged model's samples."""
+    lora = trained(init_adapters(CONFIG, jax.random.key(1), rank=RANK), jax.random.key(5))
+    adapted, merged = {**params, "lora": lora}, merge(CONFIG, {**params, "lora": lora})
+    tokens, mask = tokens_and_mask(batch=4)
+    sampling = SamplingParams(max_new_tokens=5, temperature=0.0)
+    config = dataclasses.replace(CONFIG, max_position_embeddings=16)
+    reference = sample(config, merged, tokens, mask, jax.random.key(6), sampling=sampling)
+    static = sample(config, adapted, tokens, mask, jax.random.key(6), sampling=sampling)
+    engine, _ = generate(config, adapted, tokens, mask, jax.random.key(6), sampling=sampling, slots=2)
+    for out in (static, engine):
+        np.testing.assert_array_equal(out.tokens, reference.tokens)
+        np.testing.assert_allclose(out.logprobs, reference.logprobs, atol=1e-5)
+
+
+def test_peft_loads_the_exported_adapter_and_gives_jaxppo_logits(tmp_path):
+    """``save_adapter`` → ``peft.PeftModel.from_pretrained`` on the transformers model of the exported
+    base gives jaxppo's adapted logits (≤ 1e-4); ``load_adapter`` reads the adapter back bit for bit."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from jaxppo.models.heads import lm_logits
+    from jaxppo.weights.hf import save_pretrained
+    from jaxppo.weights.peft import load_adapter, save_adapter
+
+    config = dataclasses.replace(CONFIG, attention_bias=False, lora_scale=scaling(rank=RANK, alpha=8.0, rslora=True))
+    params = init_params(config, jax.random.key(7))
+    lora = trained(init_adapters(config, jax.random.key(8), rank=RANK, targets=("q", "v", "o", "up", "down")),
+                   jax.random.key(9))
+    save_pretrained(tmp_path / "base", config, params)
+    save_adapter(tmp_path / "adapter", config, lora, alpha=8.0, rslora=True, base_model=str(tmp_path / "base"))
+    with pytest.raises(ValueError, match="lora_scale"):
+        save_adapter(tmp_path / "bad", config, lora, alpha=8.0)  # α / r = 2 is not the model's scale 4
+
+    tokens = np.random.default_rng(1).integers(0, config.vocab_size, (2, 9))
+    hidden, _ = decoder_hidden(config, {**params, "lora": lora}, jnp.asarray(tokens), jnp.ones(tokens.shape, jnp.int32))
+    ours = np.asarray(lm_logits(config, params, hidden))
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        theirs = model(input_ids=torch.tensor(tokens)).logits.numpy()
+        plain = model.get_base_model()
+        with model.disable_adapter():
+            base_logits = plain(input_ids=torch.tensor(tokens)).logits.numpy()
+    assert np.abs(ours - base_logits).max() > 1e-2  # the adapter matters
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)
+
+    loaded, info = load_adapter(tmp_path / "adapter", config)
+    assert info == {"rank": RANK, "alpha": 8.0, "rslora": True, "scale": config.lora_scale,
+                    "targets": ("q", "v", "o", "up", "down")}
+    jax.tree.map(np.testing.assert_array_equal, loaded, jax.tree.map(np.asarray, lora))
+
+
+def test_load_adapter_names_what_it_cannot_load(tmp_path):
+    from jaxppo.weights.peft import load_adapter, save_adapter
+
+    lora = init_adapters(CONFIG, jax.random.key(1), rank=RANK, targets=("q", "k"))
+    save_adapter(tmp_path, CONFIG, lora, alpha=8.0)
+    config_file = tmp_path / "adapter_config.json"
+    good = config_file.read_text()
+    for change, match in (({"use_dora": True}, "use_dora"), ({"bias": "all"}, "bias"),
+                          ({"target_modules": ["q_proj", "lm_head"]}, "target_modules"), ({"r": 0}, "'r'")):
+        config_file.write_text(json.dumps({**json.loads(good), **change}))
+        with pytest.raises(ValueError, match=match):
+            load_adapter(tmp_path, CONFIG)
+    config_file.write_text(good)
+    with pytest.raises(ValueError, match="shape"):  # an adapter of another model size
+        load_adapter(tmp_path, dataclasses.replace(CONFIG, hidden_size=48))
