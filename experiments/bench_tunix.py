@@ -5,7 +5,8 @@
 
 Runs in the ``.venv-bench-tunix`` virtual environment (google-tunix==0.1.7, jax and flax on CPU); it
 imports neither torch nor jaxppo. ``DIR`` is SmolLM2-135M-Instruct exported by jaxppo as a Hugging Face
-directory (its ``config.json`` gives the sizes), loaded four times into Tunix's Llama3 (``params.create_model_from_safe_tensors``, fp32):
+directory (its ``config.json`` gives the sizes), loaded four times into Tunix's Llama3
+(``params.create_model_from_safe_tensors``, fp32):
 the actor (trained; it is also the rollout model, as all roles share one 1x1 ``("fsdp", "tp")`` mesh),
 the reference (frozen), the critic (trained) and the reward model (frozen). Critic and reward model
 are the Llama3 trunk (embedding, 30 decoder layers, final norm; no LM head) with a scalar ``score``
@@ -35,8 +36,9 @@ Adaptations, none of which changes the amount of work:
   (to critic and reward model), and Llama3's trunk does not take them.
 
 Timing: ``PPOLearner._run_global_step`` (one PPO iteration: rollout, reference/old log-probs, values,
-rewards, advantages, then ``epochs`` actor and critic steps) is wrapped to stamp its start and its
-end after the updated weights are ready; the first iteration is a warm-up (it compiles), the JSON
+rewards, advantages, then ``epochs`` actor and critic steps) is wrapped to stamp the first call's
+start and every call's end after the updated weights are ready (an iteration is the time from one
+end to the next, as TRL's side counts it); the first iteration is a warm-up (it compiles), the JSON
 holds the median seconds per iteration of the rest. The rollout's ``generate`` is wrapped too
 (it returns host arrays, so it is synchronous) for the generation seconds; ``response_tokens``
 lists the distinct response lengths it returned (``[new_tokens]`` when nothing stopped early).
@@ -90,6 +92,8 @@ def main(argv=None) -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
+    if args.iterations < 2:
+        parser.error("--iterations must be >= 2 (the first one warms up)")
 
     import flax
     import jax

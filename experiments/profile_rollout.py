@@ -17,8 +17,10 @@ sums by kind:
   scatter) and the engine's token / log-prob output scatters;
 * ``refill + compaction`` — the engine's ``lax.cond`` branch that copies a request's prompt
   keys/values into a slot, and the drain's compaction;
-* ``prefill`` — the batched forward pass over the prompts before the loop;
-* ``loop + other`` — loop conditions, masks, index arithmetic, copies.
+* ``LoRA adapters`` — the ``x A B`` of LoRA adapters (:mod:`jaxppo.lora`), where params hold them;
+* ``prefill`` — everything outside the decode loop: the batched forward pass over the prompts, the set-up;
+* ``loop + other`` — the loop itself, its conditions, masks, index arithmetic, copies (also XLA's
+  unnamed ones).
 The names come from ``jax.named_scope`` in :func:`jaxppo.sampling.choose`, the decoder's cache
 write and the engine (free at run time) and from the Flax module path.
 
@@ -55,7 +57,7 @@ from jaxppo.weights import load_pretrained
 from jaxppo.weights.gguf import smollm2_gguf_path
 
 KINDS = ("weight matmuls", "layer slices", "attention", "MLP + norms", "sampling", "cache + output writes",
-         "refill + compaction", "prefill", "loop + other")
+         "refill + compaction", "LoRA adapters", "prefill", "loop + other")
 _INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = [^\n]*?metadata=\{op_name="([^"]*)"', re.M)
 PHASES = ("generate", "reward", "critic", "reference", "actor", "advantages + other")
 _NAME = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = ', re.M)
@@ -64,10 +66,14 @@ _PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 def kind_of(op_name: str, *, in_loop: bool) -> str:
     """The kind of work of an HLO instruction, from its JAX name stack (see the module docstring)."""
+    if not op_name:
+        return "loop + other"  # instructions XLA adds (copies of loop-carried buffers) carry no name
     if "refill" in op_name or "compact" in op_name:
         return "refill + compaction"
     if not in_loop:
         return "prefill"
+    if "/lora/" in op_name:
+        return "LoRA adapters"
     if any(p in op_name for p in _PROJECTIONS) or ("dot_general" in op_name and "/attn/" not in op_name):
         return "weight matmuls"  # the projections, and the LM head (the tied embedding) outside the layers
     if "Decoder/while/body/jit(dynamic_index_in_dim)" in op_name:
@@ -140,7 +146,7 @@ def by_kind(seconds: dict[str, float], *, loop_scope: str = "") -> dict[str, flo
         if loop_scope:
             outer = outer.removeprefix(loop_scope + "/")
             outer = re.sub(r"^(jit\([^)]*\)/)+", "", outer)
-        split[kind_of(op, in_loop=outer.startswith("while/"))] += sec
+        split[kind_of(op, in_loop=outer == "while" or outer.startswith("while/"))] += sec
     return split
 
 
@@ -206,7 +212,8 @@ def main(argv=None) -> dict:
         print(f"{kind:<24}" + "".join(f"{c:>32}" for c in cells))
     print(f"{'decode steps':<24}" + "".join(f"{steps:>32}" for _, steps in runs.values()))
     total = sum(phases.values())
-    print(f"\nPPO rollout ({UNIFORM_BATCH} prompts × {UNIFORM_TOKENS} tokens, experiments/bench.py's): own XLA time by phase")
+    print(f"\nPPO rollout ({UNIFORM_BATCH} prompts × {UNIFORM_TOKENS} tokens, experiments/bench.py's): "
+          "own XLA time by phase")
     for phase, sec in phases.items():
         print(f"{phase:<24}{sec:>8.2f} s {sec / total:7.1%}")
     result = {name: {"decode_steps": steps, "seconds": split} for name, (split, steps) in runs.items()}

@@ -5,7 +5,8 @@ A targeted projection ``y = x W`` becomes
 .. math::  y = x W + s \\, (x A) B, \\qquad A ∈ ℝ^{d_{in} × r},\\; B ∈ ℝ^{r × d_{out}},\\; s = α / r
 
 (``s = α / \\sqrt{r}`` with rsLoRA, Kalajdzievski 2023). ``B = 0`` at initialisation, so the adapted
-model starts as the base model exactly; only ``A`` and ``B`` train.
+model starts as the base model exactly; ``A`` and ``B`` are what a LoRA run trains (the optimizer
+wiring for the pipeline's stages is not there yet: here the adapters are a model-level feature).
 
 **One adapter per Hugging Face projection.** jaxppo fuses Q/K/V and gate/up into one matmul each
 (:mod:`jaxppo.models.llama`); the adapters stay per projection, as PEFT has them (``q``, ``k``,
@@ -27,17 +28,26 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 
-from jaxppo.models.config import ModelConfig
+if TYPE_CHECKING:  # jaxppo.models imports this module: no import of it at run time
+    from jaxppo.models.config import ModelConfig
 
 Array = jax.Array
 
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
-# the fused projections: their parts along the output's second-to-last axis, with each part's width
-ATTN_TARGETS, MLP_TARGETS = ("q", "k", "v", "o"), ("gate", "up", "down")
+ATTN_TARGETS = ("q", "k", "v", "o")  # under layers/attn; the rest under layers/mlp
+
+
+def fused_parts(config: ModelConfig) -> dict[str, tuple[tuple[str, int], ...]]:
+    """Per projection of :mod:`jaxppo.models.llama`: its targets, in the order their outputs are
+    concatenated along the fused output's second-to-last axis, with each one's width there."""
+    groups = config.num_heads // config.num_kv_heads
+    return {"qkv_proj": (("q", groups), ("k", 1), ("v", 1)), "o_proj": (("o", 1),),
+            "gate_up_proj": (("gate", 1), ("up", 1)), "down_proj": (("down", 1),)}
 
 
 def scaling(*, rank: int, alpha: float, rslora: bool = False) -> float:
@@ -61,9 +71,9 @@ def init_adapters(config: ModelConfig, key: Array, *, rank: int, targets: Sequen
                   dtype=jnp.float32) -> dict:
     """Adapters for ``targets``: ``A ~ U(±1/√d_in)`` (PEFT's default, Kaiming-uniform with a = √5),
     ``B = 0``, stacked over the layers."""
-    unknown = set(targets) - set(TARGETS)
-    if unknown or not targets:
-        raise ValueError(f"init_adapters: `targets` must be a non-empty subset of {TARGETS}, got {tuple(targets)}")
+    if isinstance(targets, str) or not targets or set(targets) - set(TARGETS):
+        raise ValueError(f"init_adapters: `targets` must be a non-empty sequence of names from {TARGETS}, "
+                         f"got {targets!r}")
     if rank < 1:
         raise ValueError(f"init_adapters: `rank` must be >= 1, got {rank}")
     tree: dict = {"attn": {}, "mlp": {}}
@@ -79,24 +89,53 @@ def init_adapters(config: ModelConfig, key: Array, *, rank: int, targets: Sequen
     return {"layers": {k: v for k, v in tree.items() if v}}
 
 
-def fused_delta(x: Array, adapters: dict, parts: Sequence[tuple[str, int]], out_shape: tuple[int, ...], *,
-                scale: float) -> Array | None:
+def check_adapters(config: ModelConfig, lora: dict, *, where: str = "lora") -> int:
+    """The rank of an adapter tree, after checking it is one :func:`init_adapters` could have made for
+    ``config`` (its keys, every leaf's shape, one rank) and that ``config.lora_scale`` is set;
+    ``ValueError`` naming the leaf otherwise. Shapes only: free inside ``jit``."""
+    if config.lora_scale is None:
+        raise ValueError(f"{where}: params hold LoRA adapters but model.lora_scale is not set (α / r: "
+                         "jaxppo.lora.scaling)")
+    if not isinstance(lora, dict) or set(lora) != {"layers"} or not set(lora["layers"]) <= {"attn", "mlp"}:
+        raise ValueError(f"{where}: expected {{'layers': {{'attn': ..., 'mlp': ...}}}}, got keys "
+                         f"{list(lora) if isinstance(lora, dict) else type(lora).__name__}")
+    rank = None
+    for group_name, group in lora["layers"].items():
+        for leaf, value in group.items():
+            name, _, part = leaf.rpartition("_")
+            in_group = name in ATTN_TARGETS if group_name == "attn" else name in TARGETS[len(ATTN_TARGETS):]
+            if part not in ("a", "b") or not in_group or f"{name}_a" not in group or f"{name}_b" not in group:
+                raise ValueError(f"{where}/layers/{group_name}/{leaf}: not an adapter leaf (each target has "
+                                 f"<target>_a and <target>_b; targets under {group_name}: "
+                                 f"{ATTN_TARGETS if group_name == 'attn' else TARGETS[len(ATTN_TARGETS):]})")
+            rank = rank or int(jnp.shape(value)[-1 if part == "a" else 1])
+            expected = (config.num_layers, *shapes(config, rank)[name][0 if part == "a" else 1])
+            if tuple(jnp.shape(value)) != expected:
+                raise ValueError(f"{where}/layers/{group_name}/{leaf}: shape {tuple(jnp.shape(value))}, expected "
+                                 f"{expected} (rank {rank}, this model's sizes)")
+    if rank is None:
+        raise ValueError(f"{where}: holds no adapters")
+    return rank
+
+
+def fused_delta(x: Array, adapters: dict, parts: Sequence[tuple[str, int]], *, scale: float) -> Array | None:
     """``s · (x A_p) B_p`` of each part ``p`` (name, width), concatenated along the output's
     second-to-last axis (zeros for a part without adapters); one part: no concatenation. ``x``
-    ``[..., d_in]``; ``out_shape``: the projection's output dims. None when no part has adapters."""
-    if not any(f"{name}_a" in adapters for name, _ in parts):
+    ``[..., d_in]``. None when no part has adapters."""
+    present = [name for name, _ in parts if f"{name}_a" in adapters]
+    if not present:
         return None
-    pieces = []
-    for name, width in parts:
-        if f"{name}_a" in adapters:
-            a, b = adapters[f"{name}_a"], adapters[f"{name}_b"]
-            xa = jnp.einsum("...d,dr->...r", x, a.astype(x.dtype))
-            pieces.append(jnp.tensordot(xa, b.astype(x.dtype), axes=1))
-        else:
-            part_shape = out_shape if len(parts) == 1 else (*out_shape[:-2], width, out_shape[-1])
-            pieces.append(jnp.zeros((*x.shape[:-1], *part_shape), x.dtype))
-    delta = pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=-2)
-    return scale * delta
+    with jax.named_scope("lora"):  # a name for profiles (experiments/profile_rollout.py)
+        deltas = {}
+        for name in present:
+            xa = jnp.einsum("...d,dr->...r", x, adapters[f"{name}_a"].astype(x.dtype))
+            deltas[name] = jnp.tensordot(xa, adapters[f"{name}_b"].astype(x.dtype), axes=1)
+        if len(parts) == 1:
+            return scale * deltas[parts[0][0]]
+        like = deltas[present[0]]
+        pieces = [deltas[name] if name in deltas else jnp.zeros((*like.shape[:-2], width, like.shape[-1]), like.dtype)
+                  for name, width in parts]
+        return scale * jnp.concatenate(pieces, axis=-2)
 
 
 def merge(config: ModelConfig, params: dict) -> dict:
@@ -104,37 +143,20 @@ def merge(config: ModelConfig, params: dict) -> dict:
     ``"lora"`` tree dropped: a plain model with the same function (up to float rounding)."""
     if "lora" not in params:
         return params
+    check_adapters(config, params["lora"], where="merge: lora")
     lora = params["lora"]["layers"]
-    scale = config.lora_scale
-    groups = config.num_heads // config.num_kv_heads
-
-    def product(group: dict, name: str) -> Array | None:
-        if f"{name}_a" not in group:
-            return None
-        return jnp.einsum("ldr,lr...->ld...", group[f"{name}_a"], group[f"{name}_b"])
-
-    def fused(group, names_widths, kernel):
-        deltas = [product(group, n) for n, _ in names_widths]
-        if all(d is None for d in deltas):
-            return kernel
-        full = [jnp.zeros((*kernel.shape[:-2], w, kernel.shape[-1]), kernel.dtype) if d is None else d
-                for d, (_, w) in zip(deltas, names_widths)]
-        return (kernel + scale * jnp.concatenate(full, axis=-2)).astype(kernel.dtype)
-
-    def single(group, name, kernel):
-        d = product(group, name)
-        return kernel if d is None else (kernel + scale * d).astype(kernel.dtype)
-
-    attn, mlp = lora.get("attn", {}), lora.get("mlp", {})
     layers = dict(params["layers"])
-    layers["attn"] = {**layers["attn"],
-                      "qkv_proj": {**layers["attn"]["qkv_proj"], "kernel": fused(
-                          attn, (("q", groups), ("k", 1), ("v", 1)), layers["attn"]["qkv_proj"]["kernel"])},
-                      "o_proj": {**layers["attn"]["o_proj"], "kernel": single(
-                          attn, "o", layers["attn"]["o_proj"]["kernel"])}}
-    layers["mlp"] = {**layers["mlp"],
-                     "gate_up_proj": {**layers["mlp"]["gate_up_proj"], "kernel": fused(
-                         mlp, (("gate", 1), ("up", 1)), layers["mlp"]["gate_up_proj"]["kernel"])},
-                     "down_proj": {**layers["mlp"]["down_proj"], "kernel": single(
-                         mlp, "down", layers["mlp"]["down_proj"]["kernel"])}}
+    for group_name, projections in (("attn", ("qkv_proj", "o_proj")), ("mlp", ("gate_up_proj", "down_proj"))):
+        group, new_group = lora.get(group_name, {}), dict(layers[group_name])
+        for projection in projections:
+            parts = fused_parts(config)[projection]
+            if not any(f"{name}_a" in group for name, _ in parts):
+                continue
+            kernel = new_group[projection]["kernel"]
+            # the delta applied to the identity, layer by layer: s·A B in the projection's fused output layout
+            eye = jnp.eye(kernel.shape[1], dtype=jnp.float32)
+            delta = jax.vmap(lambda g: fused_delta(eye, g, parts, scale=config.lora_scale))(  # noqa: B023
+                {k: v.astype(jnp.float32) for k, v in group.items()})
+            new_group[projection] = {**new_group[projection], "kernel": (kernel + delta).astype(kernel.dtype)}
+        layers[group_name] = new_group
     return {**{k: v for k, v in params.items() if k != "lora"}, "layers": layers}

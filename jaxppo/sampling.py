@@ -89,7 +89,8 @@ def token_keys(key: Array, request_ids: Array, steps: Array) -> Array:
     ``fold_in(fold_in(key, request), step)``. Randomness keyed by request and position, not by batch
     row or decode step, so a request draws the same tokens whichever slot and step decode it
     (:mod:`jaxppo.engine` relies on it)."""
-    return jax.vmap(lambda r, t: jax.random.fold_in(jax.random.fold_in(key, r), t))(request_ids, steps)
+    with jax.named_scope("sampling"):  # a name for profiles (experiments/profile_rollout.py)
+        return jax.vmap(lambda r, t: jax.random.fold_in(jax.random.fold_in(key, r), t))(request_ids, steps)
 
 
 def categorical_inverse_cdf(keys: Array, logits: Array) -> Array:
@@ -162,10 +163,10 @@ def sample(
     row's response length (a row that reaches its cap stops without a stop token). Pure and jittable
     (``sampling`` and ``config`` static); see the module docstring.
     """
-    batch, prompt_len = prompt_tokens.shape
     n_new = sampling.max_new_tokens
     prompt_mask, request_ids, max_lengths = check_requests("sample", prompt_tokens, prompt_mask, request_ids,
                                                            max_lengths, n_new)
+    batch, prompt_len = prompt_tokens.shape
 
     hidden, prompt_kv = decoder_hidden(config, params, prompt_tokens, prompt_mask)
     pad_kv = jnp.zeros(prompt_kv.k.shape[:3] + (n_new,) + prompt_kv.k.shape[4:], prompt_kv.k.dtype)

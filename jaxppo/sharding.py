@@ -58,6 +58,15 @@ RULES: tuple[tuple[str, P], ...] = (
     (r"layers/mlp/down_proj/kernel$", P(None, "tensor", "fsdp")),  # [L, F, D]
     (r"lm_head/kernel$", P("fsdp", "tensor")),  # [D, V]
     (r"(reward_head|value_head)/kernel$", P("fsdp", None)),  # [D, 1]
+    # LoRA adapters (jaxppo.lora): A split like its kernel's input, B like its kernel's output, so x A B lands
+    # in the projection's output layout; the rank is never split
+    (r"lora/layers/attn/[qkv]_a$", P(None, "fsdp", None)),  # [L, D, r]
+    (r"lora/layers/attn/[qkv]_b$", P(None, None, "tensor", None, None)),  # [L, r, H_kv, n, Dh]
+    (r"lora/layers/attn/o_a$", P(None, "tensor", None)),  # [L, H·Dh, r]
+    (r"lora/layers/mlp/(gate|up)_a$", P(None, "fsdp", None)),  # [L, D, r]
+    (r"lora/layers/mlp/(gate|up)_b$", P(None, None, None, "tensor")),  # [L, r, 1, F]
+    (r"lora/layers/mlp/down_a$", P(None, "tensor", None)),  # [L, F, r]
+    (r"lora/layers/(attn/o|mlp/down)_b$", P(None, None, "fsdp")),  # [L, r, D]
     (r".*", P()),  # norms, biases of heads, step counters, KL controller: replicated
 )
 KV_CACHE_SPEC = P(None, BATCH_AXES, "tensor", None, None)  # [L, B, H_kv, S_max, D_h]

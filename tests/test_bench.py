@@ -86,6 +86,6 @@ def test_engine_profile_names_every_kind_of_work():
     seconds = profile(generator, params, tokens, mask, jax.random.key(2))
     assert sum(seconds.values()) < time.perf_counter() - start
     split = by_kind(seconds)
-    for kind in ("weight matmuls", "attention", "sampling", "cache + output writes", "refill + compaction",
-                 "prefill"):
+    for kind in ("weight matmuls", "layer slices", "attention", "MLP + norms", "sampling", "cache + output writes",
+                 "refill + compaction", "prefill"):
         assert split[kind] > 0, (kind, split)

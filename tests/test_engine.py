@@ -137,5 +137,11 @@ def test_engine_traced_once_and_checks_shapes(params, requests):
     assert calls["traces"] == 1
     with pytest.raises(ValueError, match="`max_lengths` must have shape"):
         generate(CONFIG, params, tokens, mask, jax.random.key(0), sampling=sampling, slots=4, max_lengths=caps[:3])
+    for bad in (tokens[0], tokens[None]):  # [P] and [1, B, P]: one error naming the argument, in both samplers
+        for fn in (lambda: generate(CONFIG, params, bad, jnp.ones_like(bad), jax.random.key(0), sampling=sampling,
+                                    slots=4),
+                   lambda: sample(CONFIG, params, bad, jnp.ones_like(bad), jax.random.key(0), sampling=sampling)):
+            with pytest.raises(ValueError, match="`prompt_tokens` \\[B, P\\]"):
+                fn()
     with pytest.raises(ValueError, match="`slots`"):
         generate(CONFIG, params, tokens, mask, jax.random.key(0), sampling=sampling, slots=0)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from jaxppo.engine import generate
-from jaxppo.lora import TARGETS, init_adapters, merge, scaling, shapes
+from jaxppo.lora import TARGETS, init_adapters, merge, scaling
 from jaxppo.models import ModelConfig, decoder_hidden, init_params
 from jaxppo.models.llama import split_projections
 from jaxppo.sampling import SamplingParams, sample
@@ -37,6 +37,15 @@ def trained(adapters: dict, key) -> dict:
     leaves, treedef = jax.tree.flatten(adapters)
     keys = jax.random.split(key, len(leaves))
     return jax.tree.unflatten(treedef, [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+
+def test_the_module_imports_on_its_own():
+    """``jaxppo.models`` imports ``jaxppo.lora``: importing the latter first must not be circular."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", "import jaxppo.lora"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +75,7 @@ def test_adapted_model_equals_the_merged_weights(params, targets):
     assert float(jnp.max(jnp.abs(adapted - base))) > 1e-2  # the adapters do change the function
     np.testing.assert_allclose(adapted, merged, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(kv.k, merged_kv.k, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(kv.v, merged_kv.v, atol=1e-5, rtol=1e-5)
 
 
 def test_merge_is_w_plus_s_a_b_per_hugging_face_projection(params):
@@ -91,17 +101,49 @@ def test_merge_is_w_plus_s_a_b_per_hugging_face_projection(params):
 
 def test_shapes_and_initialisation():
     lora = init_adapters(CONFIG, jax.random.key(1), rank=RANK)
-    for name, (a_shape, b_shape) in shapes(CONFIG, RANK).items():
+    # by hand for L=2, D=32, H=4, H_kv=2 (G=2), Dh=8, F=48, r=4
+    expected = {"q": ((2, 32, 4), (2, 4, 2, 2, 8)), "k": ((2, 32, 4), (2, 4, 2, 1, 8)),
+                "v": ((2, 32, 4), (2, 4, 2, 1, 8)), "o": ((2, 32, 4), (2, 4, 32)),
+                "gate": ((2, 32, 4), (2, 4, 1, 48)), "up": ((2, 32, 4), (2, 4, 1, 48)),
+                "down": ((2, 48, 4), (2, 4, 32))}
+    for name, (a_shape, b_shape) in expected.items():
         group = lora["layers"]["attn" if name in ("q", "k", "v", "o") else "mlp"]
         a, b = group[f"{name}_a"], group[f"{name}_b"]
-        assert a.shape == (CONFIG.num_layers, *a_shape) and b.shape == (CONFIG.num_layers, *b_shape)
-        assert np.all(np.asarray(b) == 0) and float(jnp.max(jnp.abs(a))) <= 1 / np.sqrt(a_shape[0])
-        assert float(jnp.std(a)) > 0.5 / np.sqrt(3 * a_shape[0])  # U(±1/√in) has std 1/√(3·in)
+        assert a.shape == a_shape and b.shape == b_shape, name
+        assert np.all(np.asarray(b) == 0) and float(jnp.max(jnp.abs(a))) <= 1 / np.sqrt(a_shape[1])
+        assert float(jnp.std(a)) > 0.5 / np.sqrt(3 * a_shape[1])  # U(±1/√in) has std 1/√(3·in)
     assert scaling(rank=4, alpha=8.0) == 2.0 and scaling(rank=4, alpha=8.0, rslora=True) == 4.0
-    with pytest.raises(ValueError, match="targets"):
-        init_adapters(CONFIG, jax.random.key(1), rank=RANK, targets=("q_proj",))
+    for bad in (("q_proj",), "qv", ()):
+        with pytest.raises(ValueError, match="targets"):
+            init_adapters(CONFIG, jax.random.key(1), rank=RANK, targets=bad)
     with pytest.raises(ValueError, match="rank"):
         init_adapters(CONFIG, jax.random.key(1), rank=0)
+
+
+def test_a_malformed_adapter_tree_is_named_before_any_compute(params):
+    """A misspelt leaf, a missing level, a wrong rank or layer count, or no model.lora_scale: one
+    ValueError naming the leaf, never a silent run of the base model."""
+    tokens, mask = tokens_and_mask()
+    lora = init_adapters(CONFIG, jax.random.key(1), rank=RANK, targets=("q", "down"))
+    attn, mlp = lora["layers"]["attn"], lora["layers"]["mlp"]
+    cases = [
+        ({"layers": {"attn": {"q_A": attn["q_a"], "q_b": attn["q_b"]}}}, CONFIG, "q_A"),
+        (lora["layers"], CONFIG, "expected"),
+        ({"layers": {"attn": attn, "mlp": {"down_a": mlp["down_a"][:, :, :2], "down_b": mlp["down_b"]}}}, CONFIG,
+         "down_a"),
+        ({"layers": {"attn": {k: v[:1] for k, v in attn.items()}}}, CONFIG, "q_a"),
+        ({"layers": {"mlp": {"q_a": attn["q_a"], "q_b": attn["q_b"]}}}, CONFIG, "mlp/q_a"),
+        (lora, dataclasses.replace(CONFIG, lora_scale=None), "lora_scale"),
+    ]
+    for tree, config, match in cases:
+        with pytest.raises(ValueError, match=match):
+            decoder_hidden(config, {**params, "lora": tree}, tokens, mask)
+    with pytest.raises(ValueError, match="merge"):
+        merge(CONFIG, {**params, "lora": cases[0][0]})
+    from jaxppo.weights.hf import hf_from_params
+
+    with pytest.raises(ValueError, match="merge them"):
+        hf_from_params(CONFIG, {**params, "lora": lora})
 
 
 def test_gradients_reach_every_adapter(params):
@@ -137,57 +179,121 @@ def test_sampler_and_engine_run_the_adapted_model(params):
         np.testing.assert_allclose(out.logprobs, reference.logprobs, atol=1e-5)
 
 
-def test_peft_loads_the_exported_adapter_and_gives_jaxppo_logits(tmp_path):
+def peft_logits(model, tokens, *, adapter: bool = True):
+    import torch
+
+    with torch.no_grad():
+        if adapter:
+            return model(input_ids=torch.tensor(tokens)).logits.numpy()
+        with model.disable_adapter():
+            return model(input_ids=torch.tensor(tokens)).logits.numpy()
+
+
+def jaxppo_logits(config, params, tokens):
+    from jaxppo.models.heads import lm_logits
+
+    hidden, _ = decoder_hidden(config, params, jnp.asarray(tokens), jnp.ones(tokens.shape, jnp.int32))
+    return np.asarray(lm_logits(config, params, hidden))
+
+
+@pytest.mark.parametrize(("targets", "rslora"), [(TARGETS, False), (("q", "v", "o", "up", "down"), True)])
+def test_peft_loads_the_exported_adapter_and_gives_jaxppo_logits(tmp_path, targets, rslora):
     """``save_adapter`` → ``peft.PeftModel.from_pretrained`` on the transformers model of the exported
     base gives jaxppo's adapted logits (≤ 1e-4); ``load_adapter`` reads the adapter back bit for bit."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from jaxppo.models.heads import lm_logits
     from jaxppo.weights.hf import save_pretrained
     from jaxppo.weights.peft import load_adapter, save_adapter
 
-    config = dataclasses.replace(CONFIG, attention_bias=False, lora_scale=scaling(rank=RANK, alpha=8.0, rslora=True))
+    config = dataclasses.replace(CONFIG, attention_bias=False, lora_scale=scaling(rank=RANK, alpha=8.0, rslora=rslora))
     params = init_params(config, jax.random.key(7))
-    lora = trained(init_adapters(config, jax.random.key(8), rank=RANK, targets=("q", "v", "o", "up", "down")),
-                   jax.random.key(9))
+    lora = trained(init_adapters(config, jax.random.key(8), rank=RANK, targets=targets), jax.random.key(9))
     save_pretrained(tmp_path / "base", config, params)
-    save_adapter(tmp_path / "adapter", config, lora, alpha=8.0, rslora=True, base_model=str(tmp_path / "base"))
+    save_adapter(tmp_path / "adapter", config, lora, alpha=8.0, rslora=rslora, base_model=str(tmp_path / "base"))
     with pytest.raises(ValueError, match="lora_scale"):
-        save_adapter(tmp_path / "bad", config, lora, alpha=8.0)  # α / r = 2 is not the model's scale 4
+        save_adapter(tmp_path / "bad", config, lora, alpha=8.0, rslora=not rslora)  # another scale than the model's
 
     tokens = np.random.default_rng(1).integers(0, config.vocab_size, (2, 9))
-    hidden, _ = decoder_hidden(config, {**params, "lora": lora}, jnp.asarray(tokens), jnp.ones(tokens.shape, jnp.int32))
-    ours = np.asarray(lm_logits(config, params, hidden))
+    ours = jaxppo_logits(config, {**params, "lora": lora}, tokens)
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
     model = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
-    with torch.no_grad():
-        theirs = model(input_ids=torch.tensor(tokens)).logits.numpy()
-        plain = model.get_base_model()
-        with model.disable_adapter():
-            base_logits = plain(input_ids=torch.tensor(tokens)).logits.numpy()
-    assert np.abs(ours - base_logits).max() > 1e-2  # the adapter matters
-    np.testing.assert_allclose(ours, theirs, atol=1e-4)
+    assert np.abs(ours - peft_logits(model, tokens, adapter=False)).max() > 1e-2  # the adapter matters
+    np.testing.assert_allclose(ours, peft_logits(model, tokens), atol=1e-4)
 
     loaded, info = load_adapter(tmp_path / "adapter", config)
-    assert info == {"rank": RANK, "alpha": 8.0, "rslora": True, "scale": config.lora_scale,
-                    "targets": ("q", "v", "o", "up", "down")}
+    assert info == {"rank": RANK, "alpha": 8.0, "rslora": rslora, "scale": config.lora_scale, "targets": targets}
     jax.tree.map(np.testing.assert_array_equal, loaded, jax.tree.map(np.asarray, lora))
 
 
+def test_an_adapter_saved_by_peft_loads_with_peft_logits(tmp_path):
+    """The other direction: ``peft.get_peft_model`` with random (non-zero) A and B, saved by peft,
+    read by ``load_adapter``: jaxppo's logits equal peft's (≤ 1e-4)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from jaxppo.weights.hf import save_pretrained
+    from jaxppo.weights.peft import load_adapter
+
+    config = dataclasses.replace(CONFIG, attention_bias=False)
+    params = init_params(config, jax.random.key(10))
+    save_pretrained(tmp_path / "base", config, params)
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    peft_config = LoraConfig(r=RANK, lora_alpha=6, target_modules=["k_proj", "gate_proj", "o_proj"],
+                             init_lora_weights=False, lora_dropout=0.0)
+    model = get_peft_model(base, peft_config).eval()
+    model.save_pretrained(tmp_path / "adapter")
+    lora, info = load_adapter(tmp_path / "adapter", config)
+    assert info["targets"] == ("k", "o", "gate") and info["scale"] == 6 / RANK
+    tokens = np.random.default_rng(2).integers(0, config.vocab_size, (2, 9))
+    ours = jaxppo_logits(dataclasses.replace(config, lora_scale=info["scale"]), {**params, "lora": lora}, tokens)
+    assert np.abs(ours - peft_logits(model, tokens, adapter=False)).max() > 1e-2
+    np.testing.assert_allclose(ours, peft_logits(model, tokens), atol=1e-4)
+
+
 def test_load_adapter_names_what_it_cannot_load(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
     from jaxppo.weights.peft import load_adapter, save_adapter
 
     lora = init_adapters(CONFIG, jax.random.key(1), rank=RANK, targets=("q", "k"))
     save_adapter(tmp_path, CONFIG, lora, alpha=8.0)
-    config_file = tmp_path / "adapter_config.json"
+    config_file, weights_file = tmp_path / "adapter_config.json", tmp_path / "adapter_model.safetensors"
     good = config_file.read_text()
-    for change, match in (({"use_dora": True}, "use_dora"), ({"bias": "all"}, "bias"),
-                          ({"target_modules": ["q_proj", "lm_head"]}, "target_modules"), ({"r": 0}, "'r'")):
+    for change, match in (({"use_dora": True}, "'use_dora'"), ({"bias": "all"}, "'bias'"),
+                          ({"lora_bias": True}, "'lora_bias'"), ({"rank_pattern": {"q_proj": 8}}, "'rank_pattern'"),
+                          ({"layers_to_transform": [0]}, "'layers_to_transform'"),
+                          ({"peft_type": "IA3"}, "'peft_type'"),
+                          ({"target_modules": ["q_proj", "lm_head"]}, "'target_modules'"),
+                          ({"target_modules": "q_proj"}, "'target_modules'"), ({"r": 0}, "'r'")):
         config_file.write_text(json.dumps({**json.loads(good), **change}))
-        with pytest.raises(ValueError, match=match):
+        with pytest.raises(ValueError, match=r"adapter_config\.json: field " + match):
             load_adapter(tmp_path, CONFIG)
     config_file.write_text(good)
-    with pytest.raises(ValueError, match="shape"):  # an adapter of another model size
+    with pytest.raises(ValueError, match=r"adapter_model\.safetensors: tensor .* shape"):  # another model size
         load_adapter(tmp_path, dataclasses.replace(CONFIG, hidden_size=48))
+    tensors = load_file(str(weights_file))
+    extra = {**tensors, "base_model.model.lm_head.lora_A.weight": np.zeros((RANK, 32), np.float32)}
+    save_file(extra, str(weights_file), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="does not load.*lm_head"):
+        load_adapter(tmp_path, CONFIG)
+    save_file({k: v for k, v in tensors.items() if ".1.self_attn.k_proj.lora_B" not in k}, str(weights_file),
+              metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="layers.1.self_attn.k_proj.lora_B.weight' missing"):
+        load_adapter(tmp_path, CONFIG)
+    weights_file.unlink()
+    with pytest.raises(ValueError, match="adapter_model.safetensors: not found"):
+        load_adapter(tmp_path, CONFIG)
+
+
+def test_bf16_adapters_save_and_load(tmp_path):
+    from jaxppo.weights.peft import load_adapter, save_adapter
+
+    lora = jax.tree.map(lambda x: x.astype(jnp.bfloat16),
+                        trained(init_adapters(CONFIG, jax.random.key(1), rank=RANK, targets=("v",)), jax.random.key(2)))
+    save_adapter(tmp_path, CONFIG, lora, alpha=8.0)
+    loaded, _ = load_adapter(tmp_path, CONFIG)
+    jax.tree.map(np.testing.assert_array_equal, loaded, jax.tree.map(lambda x: np.asarray(x, np.float32), lora))

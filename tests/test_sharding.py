@@ -22,6 +22,7 @@ from jaxppo.ppo import init_ppo, make_update
 from jaxppo.rollout import make_rollout
 from jaxppo.sharding import (
     MeshConfig, batch_spec, init_sharded, make_mesh, param_bytes_per_device, shard_batch, shard_tree, spec_for,
+    tree_shardings,
 )
 from jaxppo.toy_task import EOS, PAD, gold_reward, sample_prompts
 
@@ -67,6 +68,32 @@ def test_one_rules_table_for_params_and_optimizer_states():
     assert adam.mu["layers"]["attn"]["qkv_proj"]["kernel"].sharding.spec == P(None, "fsdp", "tensor")
     # a dimension the axis does not divide stays whole: vocab 22 over tensor=4
     assert spec_for("embed/embedding", (22, 32), make_mesh(MeshConfig(data=1, fsdp=2, tensor=4))) == P(None, "fsdp")
+
+
+def test_lora_adapters_are_laid_out_like_their_kernels_and_give_the_one_device_forward():
+    """A follows its kernel's input split, B its output split (the rank is never split); the adapted
+    forward pass sharded over fsdp × tensor equals the one-device one."""
+    from jaxppo.lora import init_adapters, scaling
+    from jaxppo.models import decoder_hidden
+
+    config = dataclasses.replace(MODEL, lora_scale=scaling(rank=4, alpha=8.0))
+    mesh = make_mesh(LAYOUTS["fsdp_x_tensor"])
+    lora = jax.tree.map(lambda x: x + 0.1, init_adapters(config, jax.random.key(1), rank=4))  # B ≠ 0
+    params = {**init_params(config, jax.random.key(0)), "lora": lora}
+    specs = jax.tree.map(lambda s: s.spec, tree_shardings(params, mesh))["lora"]["layers"]
+    # MODEL: D 32, H_kv 2, H·Dh 32, F 64; fsdp = tensor = 2
+    assert specs["attn"]["q_a"] == P(None, "fsdp") and specs["attn"]["q_b"] == P(None, None, "tensor")
+    assert specs["attn"]["v_b"] == P(None, None, "tensor")
+    assert specs["attn"]["o_a"] == P(None, "tensor") and specs["attn"]["o_b"] == P(None, None, "fsdp")
+    assert specs["mlp"]["gate_a"] == P(None, "fsdp") and specs["mlp"]["up_b"] == P(None, None, None, "tensor")
+    assert specs["mlp"]["down_a"] == P(None, "tensor") and specs["mlp"]["down_b"] == P(None, None, "fsdp")
+    tokens = jax.random.randint(jax.random.key(2), (4, 6), 0, config.vocab_size)
+    mask = np.ones((4, 6), np.int32)
+    forward = jax.jit(lambda p, t, m: decoder_hidden(config, p, t, m)[0])
+    one = forward(params, tokens, mask)
+    with jax.set_mesh(mesh):
+        sharded = forward(shard_tree(params, mesh), tokens, mask)
+    np.testing.assert_allclose(sharded, one, atol=1e-5)
 
 
 def test_fsdp_keeps_an_eighth_of_the_parameters_per_device():

@@ -78,7 +78,7 @@ class ModelConfig:
     dtype: str = "float32"  # matmul compute dtype: float32, bfloat16 or float16 (norms, softmax, logits: float32)
     remat: bool = False  # recompute each decoder layer in the backward pass: less memory, more compute
     remat_policy: str = "nothing"  # with remat, what each layer keeps: "nothing" or "dots" (matmul outputs)
-    lora_scale: float = 1.0  # LoRA's output scale s = α / r where params hold adapters (jaxppo.lora); set from `lora`
+    lora_scale: float | None = None  # LoRA's output scale s = α / r (jaxppo.lora.scaling); needed when params hold adapters
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -94,6 +94,8 @@ class ModelConfig:
              f"{self.architecture!r} is not one of {sorted(SUPPORTED_ARCHITECTURES.values())}")
         require(self.param_dtype in DTYPES, "model.param_dtype", f"{self.param_dtype!r} is not one of {DTYPES}")
         require(self.dtype in DTYPES, "model.dtype", f"{self.dtype!r} is not one of {DTYPES}")
+        if self.lora_scale is not None:
+            require_range(self.lora_scale, "model.lora_scale", gt=0)
         require(self.remat_policy in REMAT_POLICIES, "model.remat_policy",
              f"{self.remat_policy!r} is not one of {tuple(REMAT_POLICIES)}")
 

@@ -38,7 +38,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxppo.lora import fused_delta
+from jaxppo.lora import check_adapters, fused_delta, fused_parts
 from jaxppo.models.config import REMAT_POLICIES, ModelConfig
 
 Array = jax.Array
@@ -86,6 +86,11 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
     return out.astype(x.dtype)
 
 
+def _plus(y: Array, delta: Array | None) -> Array:
+    """``y + delta``; ``y`` where a projection has no LoRA adapters (``delta`` None)."""
+    return y if delta is None else y + delta
+
+
 def _dense(features: int, name: str, config: ModelConfig, use_bias: bool = False) -> nn.Dense:
     return nn.Dense(
         features, use_bias=use_bias, dtype=config.jnp_dtype, param_dtype=config.jnp_param_dtype,
@@ -116,9 +121,7 @@ class Attention(nn.Module):
                               param_dtype=c.jnp_param_dtype, kernel_init=nn.initializers.normal(0.02),
                               name="qkv_proj")(x)  # [B, S, H_kv, G + 2, D_h]
         lora = self.variables.get("lora", {})  # this layer's LoRA adapters, if any (jaxppo.lora)
-        delta = fused_delta(x, lora, (("q", groups), ("k", 1), ("v", 1)), (c.num_kv_heads, groups + 2, c.head_dim),
-                            scale=c.lora_scale)
-        qkv = qkv if delta is None else qkv + delta
+        qkv = _plus(qkv, fused_delta(x, lora, fused_parts(c)["qkv_proj"], scale=c.lora_scale))
         q = apply_rope(qkv[:, :, :, :groups].reshape(batch, seq, c.num_heads, c.head_dim), cos, sin)
         k = apply_rope(qkv[:, :, :, groups], cos, sin).transpose(0, 2, 1, 3)
         v = qkv[:, :, :, groups + 1].transpose(0, 2, 1, 3)  # [B, H_kv, S, D_h]
@@ -154,8 +157,7 @@ class Attention(nn.Module):
             start += width
         out = out.reshape(batch, seq, c.num_heads * c.head_dim)
         y = _dense(c.hidden_size, "o_proj", c)(out)
-        delta = fused_delta(out, lora, (("o", 0),), (c.hidden_size,), scale=c.lora_scale)
-        return (y if delta is None else y + delta), (k, v)
+        return _plus(y, fused_delta(out, lora, fused_parts(c)["o_proj"], scale=c.lora_scale)), (k, v)
 
 
 class MLP(nn.Module):
@@ -169,12 +171,10 @@ class MLP(nn.Module):
                                   param_dtype=c.jnp_param_dtype, kernel_init=nn.initializers.normal(0.02),
                                   name="gate_up_proj")(x)
         lora = self.variables.get("lora", {})  # this layer's LoRA adapters, if any (jaxppo.lora)
-        delta = fused_delta(x, lora, (("gate", 1), ("up", 1)), (2, c.intermediate_size), scale=c.lora_scale)
-        gate_up = gate_up if delta is None else gate_up + delta
+        gate_up = _plus(gate_up, fused_delta(x, lora, fused_parts(c)["gate_up_proj"], scale=c.lora_scale))
         h = nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :]
         y = _dense(c.hidden_size, "down_proj", c)(h)
-        delta = fused_delta(h, lora, (("down", 0),), (c.hidden_size,), scale=c.lora_scale)
-        return y if delta is None else y + delta
+        return _plus(y, fused_delta(h, lora, fused_parts(c)["down_proj"], scale=c.lora_scale))
 
 
 class DecoderLayer(nn.Module):
@@ -304,6 +304,7 @@ def decoder_hidden(
         kv_mask = attention_mask
     variables = {"params": {k: params[k] for k in TRUNK_KEYS}}
     if "lora" in params:  # LoRA adapters (jaxppo.lora) on the projections
+        check_adapters(config, params["lora"], where="decoder_hidden: params['lora']")
         variables["lora"] = params["lora"]
     hidden, kv = Decoder(config).apply(variables, tokens, positions, kv_mask, cache, cache_index)
     return hidden.astype(jnp.float32), kv

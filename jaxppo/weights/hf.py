@@ -115,6 +115,9 @@ def params_from_hf(config: ModelConfig, tensors: Mapping[str, np.ndarray], *, so
 
 def hf_from_params(config: ModelConfig, params: Mapping) -> dict[str, np.ndarray]:
     """The Hugging Face state dict (numpy, contiguous, in the params' dtype) of jaxppo params."""
+    if "lora" in params:
+        raise ValueError("hf_from_params: params hold LoRA adapters; jaxppo.lora.merge them into the kernels first "
+                         "(or write the adapters with jaxppo.weights.peft.save_adapter)")
     def host(x):
         return np.ascontiguousarray(np.asarray(x))
 
@@ -177,8 +180,6 @@ def read_safetensors(directory: pathlib.Path) -> dict[str, np.ndarray]:
 
     A malformed index or an unreadable safetensors file raises ``ValueError`` naming the file.
     """
-    from safetensors import SafetensorError, safe_open
-
     index = directory / "model.safetensors.index.json"
     single = directory / "model.safetensors"
     if index.is_file():
@@ -192,16 +193,50 @@ def read_safetensors(directory: pathlib.Path) -> dict[str, np.ndarray]:
         raise FileNotFoundError(f"{directory}: no model.safetensors or model.safetensors.index.json")
     tensors = {}
     for name in files:
-        key = None
-        try:
-            # framework="flax" reads bf16 as well; arrays land on the host through numpy.
-            with safe_open(directory / name, framework="flax") as f:
-                for key in f.keys():
-                    tensors[key] = np.asarray(f.get_tensor(key))
-        except (SafetensorError, OSError, ValueError, TypeError) as e:
-            at = f" (tensor {key!r})" if key is not None else ""
-            raise ValueError(f"{directory / name}: not a readable safetensors file{at}: {e}") from None
+        tensors.update(read_safetensors_file(directory / name))
     return tensors
+
+
+def read_safetensors_file(path: pathlib.Path) -> dict[str, np.ndarray]:
+    """The tensors of one safetensors file as host arrays (bf16 too); ``ValueError`` naming the file."""
+    from safetensors import SafetensorError, safe_open
+
+    tensors, key = {}, None
+    try:
+        # framework="flax" reads bf16 as well; arrays land on the host through numpy.
+        with safe_open(path, framework="flax") as f:
+            for key in f.keys():
+                tensors[key] = np.asarray(f.get_tensor(key))
+    except (SafetensorError, OSError, ValueError, TypeError) as e:
+        at = f" (tensor {key!r})" if key is not None else ""
+        raise ValueError(f"{path}: not a readable safetensors file{at}: {e}") from None
+    return tensors
+
+
+def write_safetensors_file(tensors: Mapping[str, np.ndarray], path: pathlib.Path) -> None:
+    """Writes ``tensors`` (bf16 too) with the ``{"format": "pt"}`` metadata transformers and peft expect."""
+    from safetensors.numpy import save_file
+
+    if any(a.dtype == ml_dtypes.bfloat16 for a in tensors.values()):
+        # safetensors.numpy knows no bfloat16: store via the flax backend, which does.
+        from safetensors.flax import save_file as save_jax
+
+        save_jax({k: jnp.asarray(v) for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+    else:
+        save_file(dict(tensors), str(path), metadata={"format": "pt"})
+
+
+def write_directory(out_dir: str | os.PathLike, write) -> pathlib.Path:
+    """Calls ``write(tmp)`` to write files into a temporary directory inside ``out_dir``, then moves
+    each into ``out_dir``: an interrupted save never leaves a torn file."""
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+        tmp = pathlib.Path(tmp)
+        write(tmp)
+        for file in tmp.iterdir():
+            os.replace(file, out_dir / file.name)
+    return out_dir
 
 
 def resolve_checkpoint_path(path: str | os.PathLike) -> pathlib.Path:
@@ -261,27 +296,15 @@ def save_pretrained(out_dir: str | os.PathLike, model_config: ModelConfig, param
     ``transformers.AutoModelForCausalLM.from_pretrained(out_dir)`` loads the result. Each file is
     written to a temporary name and renamed, so an interrupted save never leaves a torn file.
     """
-    from safetensors.numpy import save_file
-
-    out_dir = pathlib.Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     tensors = hf_from_params(model_config, params)
     dtype_name = str(next(iter(tensors.values())).dtype)
-    if any(a.dtype == ml_dtypes.bfloat16 for a in tensors.values()):
-        # safetensors.numpy knows no bfloat16: store via the flax backend, which does.
-        from safetensors.flax import save_file as save_jax
-
-        def save_file(ts, filename, metadata):  # noqa: F811
-            save_jax({k: jnp.asarray(v) for k, v in ts.items()}, filename, metadata=metadata)
-
     hf_config = model_config.to_hf_dict()
     hf_config["torch_dtype"] = "bfloat16" if dtype_name == "bfloat16" else dtype_name
-    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
-        tmp = pathlib.Path(tmp)
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+
+    def write(tmp: pathlib.Path) -> None:
+        write_safetensors_file(tensors, tmp / "model.safetensors")
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save(tmp)
-        for file in tmp.iterdir():
-            os.replace(file, out_dir / file.name)
-    return out_dir
+
+    return write_directory(out_dir, write)
