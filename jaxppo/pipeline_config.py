@@ -36,6 +36,32 @@ class SFTConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapters (jaxppo.lora) instead of full fine-tuning. Today: the SFT stage (its adapters are
+    merged into the base at the end, so the SFT policy is a plain model); reward model and PPO roles
+    still train in full."""
+
+    rank: int = 0  # r of every adapter; 0: off (full fine-tuning)
+    alpha: float = 16.0  # the output scale is α / r (α / √r with rslora)
+    targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")  # projections with adapters
+    rslora: bool = False  # rank-stabilised scale α / √r
+
+    def __post_init__(self):
+        from jaxppo.lora import TARGETS
+
+        require(self.rank >= 0, "lora.rank", f"must be >= 0, got {self.rank}")
+        require_range(self.alpha, "lora.alpha", gt=0)
+        require(not isinstance(self.targets, str) and len(self.targets) > 0 and set(self.targets) <= set(TARGETS),
+                "lora.targets", f"must be a non-empty tuple of names from {TARGETS}, got {self.targets!r}")
+
+    @property
+    def scale(self) -> float:
+        from jaxppo.lora import scaling
+
+        return scaling(rank=self.rank, alpha=self.alpha, rslora=self.rslora)
+
+
+@dataclasses.dataclass(frozen=True)
 class RewardModelConfig:
     """Reward model: trunk of the SFT model + scalar head, trained on preference pairs or ranked lists."""
 
@@ -98,6 +124,7 @@ class PipelineConfig:
     # (addition) task, or a text task of local files
     task: ToyTaskConfig | AdditionTaskConfig | TextTaskConfig = ToyTaskConfig()
     sft: SFTConfig = SFTConfig()
+    lora: LoraConfig = LoraConfig()  # LoRA adapters for SFT instead of full fine-tuning (rank 0: off)
     reward_model: RewardModelConfig = RewardModelConfig()
     ppo: PPOConfig = PPOConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()

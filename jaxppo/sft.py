@@ -46,12 +46,18 @@ def sft_nll(config: ModelConfig, params: dict, batch: dict, denominators: dict |
 
 
 def make_sft_step(config: ModelConfig, *, micro_batches: int = 1):
-    """Jitted ``step(state, batch) -> (state, metrics)``; the state is donated."""
+    """Jitted ``step(state, batch, base=None) -> (state, metrics)``; the state is donated. With
+    ``base`` (frozen params, not donated) the state's params are LoRA adapters ``{"lora": …}``
+    (:mod:`jaxppo.lora`; ``config.lora_scale`` set): the loss is the model ``{**base, **params}``'s and
+    only the adapters train (their optimizer state is all there is)."""
 
     @functools.partial(jax.jit, donate_argnums=0)
-    def step(state: TrainState, batch: dict):
-        loss, _, grads = accumulate_gradients(functools.partial(sft_nll, config), state.params, batch,
-                                              sft_denominators(batch), micro_batches=micro_batches)
+    def step(state: TrainState, batch: dict, base: dict | None = None):
+        def nll(params, *args):
+            return sft_nll(config, params if base is None else {**base, **params}, *args)
+
+        loss, _, grads = accumulate_gradients(nll, state.params, batch, sft_denominators(batch),
+                                              micro_batches=micro_batches)
         state = constrain_tree(state.apply_gradients(grads=grads))
         return state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "skipped_updates": skipped_updates(state)}
 

@@ -297,3 +297,42 @@ def test_bf16_adapters_save_and_load(tmp_path):
     save_adapter(tmp_path, CONFIG, lora, alpha=8.0)
     loaded, _ = load_adapter(tmp_path, CONFIG)
     jax.tree.map(np.testing.assert_array_equal, loaded, jax.tree.map(lambda x: np.asarray(x, np.float32), lora))
+
+
+def test_lora_sft_trains_adapters_on_the_frozen_base_and_returns_the_merged_policy(tmp_path):
+    """``lora.rank > 0``: the SFT stage's train state holds only adapters (and their Adam moments), the
+    base stays as it was, and the stage returns base + merged adapters, which fits the demonstrations
+    better than the base (rank 4 of a random 32-wide base, 150 steps: measured 2.87 → 2.68 nats; the
+    random embeddings, which LoRA leaves frozen, bound how far it gets)."""
+    from jaxppo.lora import TARGETS as ALL
+    from jaxppo.pipeline import open_run, sft_stage
+    from jaxppo.pipeline_config import LoraConfig
+    from jaxppo.sft import sft_nll
+    from tiny import tiny_config
+
+    config = tiny_config()  # LoRA's usual 10× the full fine-tuning learning rate
+    config = dataclasses.replace(config, lora=LoraConfig(rank=4, alpha=8.0),
+                                 sft=dataclasses.replace(config.sft, learning_rate=3e-2))
+    with open_run(config, tmp_path) as (ctx, base):
+        base = init_params(config.model, ctx.key("init")) if base is None else base
+        sft = sft_stage(ctx, base)
+        batch = ctx.task.demonstrations("sft_eval", 0, 64)
+    assert "lora" not in sft
+    for name in ("embed", "final_norm"):  # no adapters there: the base's arrays, bit for bit
+        jax.tree.map(np.testing.assert_array_equal, sft[name], base[name])
+    changed = [float(jnp.max(jnp.abs(sft["layers"][g][p]["kernel"] - base["layers"][g][p]["kernel"])))
+               for g, p in (("attn", "qkv_proj"), ("attn", "o_proj"), ("mlp", "gate_up_proj"), ("mlp", "down_proj"))]
+    assert min(changed) > 1e-3  # every targeted projection moved
+    before, after = (float(sft_nll(config.model, p, batch)[0]) for p in (base, sft))
+    assert after < before - 0.1, (before, after)
+    rows = [r for r in read_metrics_of(tmp_path) if r["stage"] == "sft"]
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.1
+    with pytest.raises(ValueError, match="lora.targets"):
+        LoraConfig(rank=4, targets=("q_proj",))
+    assert LoraConfig(rank=4, alpha=8.0).scale == 2.0 and LoraConfig().targets == ALL
+
+
+def read_metrics_of(run_dir):
+    from jaxppo.logging import read_metrics
+
+    return read_metrics(run_dir / "metrics.jsonl")

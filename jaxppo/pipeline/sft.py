@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
+from jaxppo.lora import init_adapters, merge
 from jaxppo.models.heads import init_params
 from jaxppo.optim import check_updates_applied, create_train_state, make_optimizer
 from jaxppo.pipeline.context import RunContext, fit, save
@@ -13,7 +15,9 @@ from jaxppo.sharding import init_sharded
 
 def sft_stage(ctx: RunContext, base_params: dict | None) -> dict:
     """The SFT policy's params: ``sft.steps`` of masked NLL on the task's demonstrations, from
-    ``base_params`` (pretrained) or a random init; the pretrained model itself when ``sft.steps == 0``."""
+    ``base_params`` (pretrained) or a random init; the pretrained model itself when ``sft.steps == 0``.
+    With ``lora.rank > 0`` only LoRA adapters on the frozen base train (and checkpoint), and the
+    result is the base with the adapters merged in."""
     c = ctx.config
     if c.sft.steps == 0:
         return base_params
@@ -21,12 +25,19 @@ def sft_stage(ctx: RunContext, base_params: dict | None) -> dict:
     if params is None:
         params = init_sharded(functools.partial(init_params, c.model), ctx.mesh, ctx.key("init"))
     tx = make_optimizer(learning_rate=c.sft.learning_rate, warmup_steps=c.sft.warmup_steps)
+    model, base = c.model, None
+    if c.lora.rank:  # train adapters on the frozen base (only they have optimizer state), merge them at the end
+        model = dataclasses.replace(c.model, lora_scale=c.lora.scale)
+        base = params
+        params = init_sharded(lambda key: {"lora": init_adapters(model, key, rank=c.lora.rank, targets=c.lora.targets)},
+                              ctx.mesh, ctx.key("lora_init"))
     state = init_sharded(lambda p: create_train_state(p, tx), ctx.mesh, params)
-    step = make_sft_step(c.model, micro_batches=c.sft.micro_batches)
+    sft_step = make_sft_step(model, micro_batches=c.sft.micro_batches)
+    step = sft_step if base is None else lambda state, batch: sft_step(state, batch, base)
     state, done, _ = fit(ctx, "sft", state, step, lambda i: ctx.task.demonstrations("sft", i, c.sft.batch_size),
                          c.sft.steps)
     if done is None:
         check_updates_applied(state, stage="sft", learning_rate_field="sft.learning_rate",
                               learning_rate=c.sft.learning_rate)
         save(ctx, "sft", c.sft.steps, {"state": state}, {"done": True})
-    return state.params
+    return state.params if base is None else merge(model, {**base, **state.params})
