@@ -336,3 +336,52 @@ def read_metrics_of(run_dir):
     from jaxppo.logging import read_metrics
 
     return read_metrics(run_dir / "metrics.jsonl")
+
+
+def test_lora_sft_interrupted_and_resumed_equals_the_uninterrupted_run(tmp_path, monkeypatch):
+    """Checkpoints of the adapter-only state: an SFT stage stopped after step 15 (checkpoints every 10)
+    and re-run in the same directory resumes at step 10 and returns the uninterrupted run's merged
+    policy bit for bit."""
+    import jaxppo.pipeline.context as context
+    from jaxppo.pipeline import open_run, sft_stage
+    from jaxppo.pipeline_config import CheckpointConfig, LoraConfig
+    from tiny import tiny_config
+
+    config = tiny_config()
+    config = dataclasses.replace(config, lora=LoraConfig(rank=2, alpha=4.0, targets=("q", "v", "down")),
+                                 sft=dataclasses.replace(config.sft, steps=20, learning_rate=3e-2),
+                                 checkpoint=CheckpointConfig(every_steps=10))
+
+    def sft(run_dir):
+        with open_run(config, run_dir) as (ctx, base):
+            return jax.tree.map(np.asarray, sft_stage(ctx, base))
+
+    expected = sft(tmp_path / "straight")
+
+    class Stop(Exception):
+        pass
+
+    calls = {"n": 0}
+    original = context.shard_batch
+
+    def stop_after_15(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 15:
+            raise Stop
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(context, "shard_batch", stop_after_15)
+    with pytest.raises(Stop):
+        sft(tmp_path / "interrupted")
+    resumed = {"n": 0}
+
+    def count(*args, **kwargs):
+        resumed["n"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(context, "shard_batch", count)
+    got = sft(tmp_path / "interrupted")
+    assert resumed["n"] == 10  # steps 10..19 only: it resumed from the step-10 checkpoint, not from scratch
+    jax.tree.map(np.testing.assert_array_equal, got, expected)
+    rows = [r for r in read_metrics_of(tmp_path / "interrupted") if r["stage"] == "sft"]
+    assert [r["step"] for r in rows][-1] == 19
