@@ -46,7 +46,6 @@ import dataclasses
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -57,7 +56,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from experiments.bench_sampling import hf_generate_fn, make_prompts
+from experiments.bench_sampling import hf_generate_fn, make_prompts, write_json
+from experiments.peer import peak_rss_mib
 from jaxppo.models.config import ModelConfig
 from jaxppo.models.heads import init_scalar_head
 from jaxppo.ppo import init_ppo, make_iteration, make_update
@@ -174,10 +174,6 @@ def flops_check(config, params, reward, traj, ppo) -> dict:
     batch, new_tokens = traj.response.shape
     analytic = update_flops(one, epochs=ppo.epochs, batch=batch, prompt_len=traj.prompt.shape[1], new_tokens=new_tokens)
     return {"analytic": analytic, "xla": xla, "ratio": xla / analytic}
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def bench_ppo_config(*, epochs: int, iterations: int, plain: bool) -> PPOConfig:
@@ -318,9 +314,7 @@ def main(argv=None) -> dict:
         "hf_generate": hf,
         "settings": {str(k): v for k, v in settings.items()},
     }
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    write_json(args.out, result)
     return result
 
 

@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 
 from experiments.bench import peak_rss_mib, time_ppo_forms
-from experiments.bench_sampling import make_prompts
+from experiments.bench_sampling import make_prompts, write_json
 from jaxppo.ppo import init_ppo
 from jaxppo.ppo_config import PPOConfig
 from jaxppo.sharding import MeshConfig, make_mesh
@@ -165,9 +165,7 @@ def main(argv=None) -> dict:
         "jaxppo": jaxppo,
         "trl": trl,
     }
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    write_json(args.out, result)
     return result
 
 

@@ -29,17 +29,15 @@ a batch of another width rounds a near-tie the other way). ``--out`` writes ``st
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.bench_sampling import hf_generate_fn, interleaved, make_prompts
+from experiments.bench_sampling import hf_generate_fn, interleaved, make_prompts, write_json
 from jaxppo.engine import make_generator
 from jaxppo.sampling import SamplingParams, sample
 from jaxppo.weights import load_pretrained
@@ -162,9 +160,7 @@ def main(argv=None) -> dict:
         "uniform_engine_tokens_per_s": u_rate["engine"],
         "uniform_hf_generate_tokens_per_s": u_rate.get("transformers generate"),
     }
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    write_json(args.out, result)
     return result
 
 

@@ -11,8 +11,10 @@ warm-up time is reported separately; throughput is the median over ``repeats`` t
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +26,13 @@ from jaxppo.weights.gguf import smollm2_gguf_path
 
 TOPICS = ["the sea", "autumn", "a cat", "coffee", "the moon", "trains", "a library", "rain", "mountains",
           "bread", "friendship", "a city at night", "gardens", "music", "snow", "the desert"]
+
+
+def write_json(path: str | None, result: dict) -> None:
+    """A bench's figures as JSON in ``path`` (its ``--out``), and a line saying so; nothing without a path."""
+    if path:
+        Path(path).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {path}")
 
 
 def make_prompts(tokenizer, batch: int, max_len: int = 64):

@@ -17,31 +17,17 @@ wrapper) and the process's peak RSS.
 
 from __future__ import annotations
 
-import argparse
 import json
-import resource
 import statistics
 import tempfile
 import time
 
-
-def peak_rss_mib() -> float:
-    """This process's peak resident memory (VmHWM: unlike ``ru_maxrss``, not inherited across exec)."""
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from peer import peak_rss_mib, peer_parser  # beside this script (it runs without jaxppo)
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--prompts", required=True, help="JSON list of token-id lists (one prompt each)")
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--iterations", type=int, default=4, help="PPO iterations; the first is a warm-up")
-    parser.add_argument("--new-tokens", type=int, default=64)
+    parser = peer_parser(__doc__, iterations=4)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
 
     import torch

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 from experiments.bench_rollout import LONG_MAX, LONG_REQUESTS, LONG_SLOTS, TEMPERATURE, UNIFORM_BATCH, \
     UNIFORM_TOKENS, long_tail_caps
 from experiments.bench import bench_ppo_config
-from experiments.bench_sampling import make_prompts
+from experiments.bench_sampling import make_prompts, write_json
 from jaxppo.engine import make_generator
 from jaxppo.models.heads import init_scalar_head
 from jaxppo.ppo import init_ppo
@@ -218,9 +218,7 @@ def main(argv=None) -> dict:
         print(f"{phase:<24}{sec:>8.2f} s {sec / total:7.1%}")
     result = {name: {"decode_steps": steps, "seconds": split} for name, (split, steps) in runs.items()}
     result["ppo_rollout_phases_seconds"] = phases
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    write_json(args.out, result)
     return result
 
 
