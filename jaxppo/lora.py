@@ -39,7 +39,12 @@ if TYPE_CHECKING:  # jaxppo.models imports this module: no import of it at run t
 Array = jax.Array
 
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
-ATTN_TARGETS = ("q", "k", "v", "o")  # under layers/attn; the rest under layers/mlp
+GROUPS = {"attn": ("q", "k", "v", "o"), "mlp": ("gate", "up", "down")}  # the layer module each target is in
+
+
+def group_of(target: str) -> str:
+    """``"attn"`` or ``"mlp"``: where ``target``'s adapters sit under ``lora/layers``."""
+    return "attn" if target in GROUPS["attn"] else "mlp"
 
 
 def fused_parts(config: ModelConfig) -> dict[str, tuple[tuple[str, int], ...]]:
@@ -83,7 +88,7 @@ def init_adapters(config: ModelConfig, key: Array, *, rank: int, targets: Sequen
             continue
         a_shape, b_shape = shapes(config, rank)[name]
         bound = 1.0 / math.sqrt(a_shape[0])
-        group = tree["attn"] if name in ATTN_TARGETS else tree["mlp"]
+        group = tree[group_of(name)]
         group[f"{name}_a"] = jax.random.uniform(key_t, (layers, *a_shape), dtype, -bound, bound)
         group[f"{name}_b"] = jnp.zeros((layers, *b_shape), dtype)
     return {"layers": {k: v for k, v in tree.items() if v}}
@@ -103,11 +108,10 @@ def check_adapters(config: ModelConfig, lora: dict, *, where: str = "lora") -> i
     for group_name, group in lora["layers"].items():
         for leaf, value in group.items():
             name, _, part = leaf.rpartition("_")
-            in_group = name in ATTN_TARGETS if group_name == "attn" else name in TARGETS[len(ATTN_TARGETS):]
+            in_group = name in GROUPS[group_name]
             if part not in ("a", "b") or not in_group or f"{name}_a" not in group or f"{name}_b" not in group:
                 raise ValueError(f"{where}/layers/{group_name}/{leaf}: not an adapter leaf (each target has "
-                                 f"<target>_a and <target>_b; targets under {group_name}: "
-                                 f"{ATTN_TARGETS if group_name == 'attn' else TARGETS[len(ATTN_TARGETS):]})")
+                                 f"<target>_a and <target>_b; targets under {group_name}: {GROUPS[group_name]})")
             rank = rank or int(jnp.shape(value)[-1 if part == "a" else 1])
             expected = (config.num_layers, *shapes(config, rank)[name][0 if part == "a" else 1])
             if tuple(jnp.shape(value)) != expected:

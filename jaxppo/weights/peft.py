@@ -20,22 +20,20 @@ import pathlib
 
 import numpy as np
 
-from jaxppo.lora import ATTN_TARGETS, TARGETS, check_adapters, scaling, shapes
+from jaxppo.lora import TARGETS, check_adapters, group_of, scaling, shapes
 from jaxppo.models.config import ModelConfig
-from jaxppo.weights.hf import _read_json_file, read_safetensors_file, write_directory, write_safetensors_file
+from jaxppo.weights.hf import (
+    _LAYER_LINEARS, _read_json_file, read_safetensors_file, write_directory, write_safetensors_file,
+)
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
-_MODULE = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
-           "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
-_HF_NAME = {t: m.split(".")[1] for t, m in _MODULE.items()}  # q → q_proj
+# target → the HF layer module it adapts (q → self_attn.q_proj), and that module's own name (q → q_proj)
+_MODULE = {module.split(".")[1].removesuffix("_proj"): module for module in _LAYER_LINEARS}
+_HF_NAME = {t: m.split(".")[1] for t, m in _MODULE.items()}
 _PREFIX = "base_model.model.model.layers"
 # adapter_config.json fields naming a PEFT feature plain LoRA lacks: each must be absent or falsy
 _UNSUPPORTED = ("use_dora", "rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern",
                 "modules_to_save", "lora_bias", "target_parameters", "layer_replication", "use_qalora")
-
-
-def _group(target: str) -> str:
-    return "attn" if target in ATTN_TARGETS else "mlp"
 
 
 def save_adapter(out_dir: str | os.PathLike, config: ModelConfig, lora: dict, *, alpha: float, rslora: bool = False,
@@ -50,10 +48,10 @@ def save_adapter(out_dir: str | os.PathLike, config: ModelConfig, lora: dict, *,
         raise ValueError(f"save_adapter: alpha={alpha}, rank={rank}{' (rsLoRA)' if rslora else ''} give the scale "
                          f"{scale}, but model.lora_scale is {config.lora_scale}")
     layers = lora["layers"]
-    targets = [t for t in TARGETS if f"{t}_a" in layers.get(_group(t), {})]
+    targets = [t for t in TARGETS if f"{t}_a" in layers.get(group_of(t), {})]
     tensors = {}
     for t in targets:
-        a, b = np.asarray(layers[_group(t)][f"{t}_a"]), np.asarray(layers[_group(t)][f"{t}_b"])
+        a, b = np.asarray(layers[group_of(t)][f"{t}_a"]), np.asarray(layers[group_of(t)][f"{t}_b"])
         for i in range(config.num_layers):
             tensors[f"{_PREFIX}.{i}.{_MODULE[t]}.lora_A.weight"] = np.ascontiguousarray(a[i].T)
             tensors[f"{_PREFIX}.{i}.{_MODULE[t]}.lora_B.weight"] = np.ascontiguousarray(b[i].reshape(rank, -1).T)
@@ -123,8 +121,8 @@ def load_adapter(path: str | os.PathLike, config: ModelConfig) -> tuple[dict, di
                 used.add(key)
             a_layers.append(tensors[f"{stem}.lora_A.weight"].T)
             b_layers.append(tensors[f"{stem}.lora_B.weight"].T.reshape(b_shape))
-        lora[_group(t)][f"{t}_a"] = np.stack(a_layers).astype(np.float32)
-        lora[_group(t)][f"{t}_b"] = np.stack(b_layers).astype(np.float32)
+        lora[group_of(t)][f"{t}_a"] = np.stack(a_layers).astype(np.float32)
+        lora[group_of(t)][f"{t}_b"] = np.stack(b_layers).astype(np.float32)
     extra = sorted(set(tensors) - used)
     if extra:
         raise ValueError(f"{weights_file}: tensors jaxppo does not load (not LoRA A/B of {modules} in "
