@@ -33,12 +33,15 @@ def sft_denominators(batch: dict) -> dict:
     return {"tokens": valid_count(batch["response_mask"])}
 
 
-def sft_nll(config: ModelConfig, params: dict, batch: dict, denominators: dict | None = None) -> tuple[jax.Array, dict]:
+def sft_nll(config: ModelConfig, params: dict, batch: dict, denominators: dict | None = None, *,
+            base: dict | None = None) -> tuple[jax.Array, dict]:
     """Masked mean NLL of the response tokens and ``{"nll": …}``.
 
     ``denominators`` (:func:`sft_denominators` of the whole batch when ``batch`` is a micro-batch of
-    it); None: this batch's own.
+    it); None: this batch's own. With ``base`` (frozen params) ``params`` are LoRA adapters
+    ``{"lora": …}`` and the model is ``{**base, **params}``.
     """
+    params = params if base is None else {**base, **params}
     logprobs, _, _ = response_logprobs(config, params, *(batch[k] for k in SFT_KEYS))
     tokens = None if denominators is None else denominators["tokens"]
     nll = sft_loss(logprobs, batch["response_mask"], token_count=tokens)
@@ -53,11 +56,8 @@ def make_sft_step(config: ModelConfig, *, micro_batches: int = 1):
 
     @functools.partial(jax.jit, donate_argnums=0)
     def step(state: TrainState, batch: dict, base: dict | None = None):
-        def nll(params, *args):
-            return sft_nll(config, params if base is None else {**base, **params}, *args)
-
-        loss, _, grads = accumulate_gradients(nll, state.params, batch, sft_denominators(batch),
-                                              micro_batches=micro_batches)
+        loss, _, grads = accumulate_gradients(functools.partial(sft_nll, config, base=base), state.params, batch,
+                                              sft_denominators(batch), micro_batches=micro_batches)
         state = constrain_tree(state.apply_gradients(grads=grads))
         return state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "skipped_updates": skipped_updates(state)}
 
