@@ -16,12 +16,12 @@ import pytest
 
 from conftest import count_traces
 from jaxppo.engine import generate, make_generator
-from jaxppo.models import ModelConfig, chosen_logprobs, decoder_hidden, init_params
+from jaxppo.models import chosen_logprobs, decoder_hidden
 from jaxppo.sampling import SamplingParams, sample
+from tiny import SAMPLER_MODEL, peaky_params
 
-V, P, N, R = 61, 9, 14, 23  # vocabulary, prompt width, max new tokens, requests
-CONFIG = ModelConfig(vocab_size=V, hidden_size=48, intermediate_size=80, num_layers=2, num_heads=6,
-                     num_kv_heads=2, head_dim=8)
+CONFIG = SAMPLER_MODEL
+V, P, N, R = CONFIG.vocab_size, 9, 14, 23  # vocabulary, prompt width, max new tokens, requests
 SAMPLINGS = {
     "greedy": SamplingParams(max_new_tokens=N, temperature=0.0, stop_token_ids=(7,)),
     "temperature": SamplingParams(max_new_tokens=N, temperature=1.0, stop_token_ids=(7, 11)),
@@ -32,8 +32,7 @@ SAMPLINGS = {
 
 @pytest.fixture(scope="module")
 def params():
-    p = init_params(CONFIG, jax.random.key(0))
-    return jax.tree.map(lambda x: 6 * x if x.ndim >= 2 else x, p)  # peakier than init: varied, non-uniform
+    return peaky_params(CONFIG)
 
 
 @pytest.fixture(scope="module")

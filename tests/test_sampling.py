@@ -8,18 +8,17 @@ import numpy as np
 import pytest
 
 from conftest import count_traces
-from jaxppo.models import ModelConfig, chosen_logprobs, decoder_hidden, init_params
+from jaxppo.models import chosen_logprobs, decoder_hidden
 from jaxppo.sampling import SamplingParams, filter_logits, make_sampler, sample
+from tiny import SAMPLER_MODEL, peaky_params
 
-V, P, N = 61, 9, 14
-CONFIG = ModelConfig(vocab_size=V, hidden_size=48, intermediate_size=80, num_layers=2, num_heads=6,
-                     num_kv_heads=2, head_dim=8)
+CONFIG = SAMPLER_MODEL
+V, P, N = CONFIG.vocab_size, 9, 14
 
 
 @pytest.fixture(scope="module")
 def params():
-    p = init_params(CONFIG, jax.random.key(0))
-    return jax.tree.map(lambda x: 6 * x if x.ndim >= 2 else x, p)  # peakier than init: varied, non-uniform
+    return peaky_params(CONFIG)
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,17 @@ PPO = PPOConfig(batch_size=16, minibatches=2, epochs=2, max_new_tokens=TASK.max_
                 pad_token_id=PAD, learning_rate=1e-3, kl_coef=0.05, critic_init="sft")
 
 
+# the samplers' tests (test_sampling.py, test_engine.py): GQA, two layers, a vocabulary of 61
+SAMPLER_MODEL = ModelConfig(vocab_size=61, hidden_size=48, intermediate_size=80, num_layers=2, num_heads=6,
+                            num_kv_heads=2, head_dim=8)
+
+
+def peaky_params(config: ModelConfig = SAMPLER_MODEL) -> dict:
+    """Random params with matrices 6× their init scale: varied, non-uniform next-token distributions."""
+    p = init_params(config, jax.random.key(0))
+    return jax.tree.map(lambda x: 6 * x if x.ndim >= 2 else x, p)
+
+
 def gold_score(*args):
     return gold_reward(TASK, *args)
 
