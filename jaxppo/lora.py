@@ -22,6 +22,11 @@ axis, so this is exact). Tree (stacked over layers ``L`` like the params; ``G = 
 A role's params hold this tree under ``"lora"`` (:func:`jaxppo.models.llama.decoder_hidden` passes it
 to the decoder as the Flax collection ``"lora"``); a projection without adapters is the base one.
 The scale ``s`` is the static ``ModelConfig.lora_scale``.
+
+**One base, many roles.** With LoRA a trained or frozen role is its *own* params only — adapters
+and a scalar head (:data:`ROLE_KEYS`) — over one frozen base shared by all roles; the model a role
+computes is :func:`compose` ``(base, role)`` (a dict merge: no copy of the base). The PPO reference
+is the base itself (``role = {}``).
 """
 
 from __future__ import annotations
@@ -40,6 +45,20 @@ Array = jax.Array
 
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 GROUPS = {"attn": ("q", "k", "v", "o"), "mlp": ("gate", "up", "down")}  # the layer module each target is in
+
+
+ROLE_KEYS = ("lora", "value_head", "reward_head")  # a role's own params over a shared frozen base
+
+
+def role_params(params: dict) -> dict:
+    """The entries of ``params`` that belong to a role rather than to the shared base (:data:`ROLE_KEYS`)."""
+    return {k: v for k, v in params.items() if k in ROLE_KEYS}
+
+
+def compose(base: dict | None, role: dict | None) -> dict | None:
+    """The model of ``role`` on ``base``: ``{**base, **role}`` (the role's adapters and heads over the
+    shared frozen weights, no copy); ``role`` as it is when there is no base (full fine-tuning) or no role."""
+    return role if base is None or role is None else {**base, **role}
 
 
 def group_of(target: str) -> str:

@@ -14,6 +14,8 @@ from jaxppo.tasks import TextTaskConfig
 from jaxppo.toy_task import ToyTaskConfig
 from jaxppo.addition_task import AdditionTaskConfig
 
+QUANTIZE_BASE = ("none", "int8", "nf4")
+
 
 @dataclasses.dataclass(frozen=True)
 class SFTConfig:
@@ -37,14 +39,21 @@ class SFTConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
-    """LoRA adapters (jaxppo.lora) instead of full fine-tuning. Today: the SFT stage (its adapters are
-    merged into the base at the end, so the SFT policy is a plain model); reward model and PPO roles
-    still train in full."""
+    """LoRA adapters (jaxppo.lora) instead of full fine-tuning, for every trained role on one frozen base.
+
+    SFT trains adapters on the pretrained (or initial) model and merges them at its end: the SFT
+    policy is the base of the later stages. The reward model is that base + its adapters + its head;
+    in PPO the actor is base + adapters, a separate critic base + its adapters + value head, and the
+    reference is the base without adapters. Only adapters and heads have optimizer state and
+    checkpoints; the base exists once in memory (optionally quantised: ``quantize_base``)."""
 
     rank: int = 0  # r of every adapter; 0: off (full fine-tuning)
     alpha: float = 16.0  # the output scale is α / r (α / √r with rslora)
     targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")  # projections with adapters
     rslora: bool = False  # rank-stabilised scale α / √r
+    # the frozen base of the reward-model and PPO stages stored as "none" (the model's dtype), "int8" (per channel)
+    # or "nf4" (QLoRA), dequantised layer by layer in the forward pass (jaxppo.quant)
+    quantize_base: str = "none"
 
     def __post_init__(self):
         from jaxppo.lora import TARGETS
@@ -53,6 +62,10 @@ class LoraConfig:
         require_range(self.alpha, "lora.alpha", gt=0)
         require(not isinstance(self.targets, str) and len(self.targets) > 0 and set(self.targets) <= set(TARGETS),
                 "lora.targets", f"must be a non-empty tuple of names from {TARGETS}, got {self.targets!r}")
+        require(self.quantize_base in QUANTIZE_BASE, "lora.quantize_base",
+                f"{self.quantize_base!r} not in {QUANTIZE_BASE}")
+        require(self.quantize_base == "none" or self.rank > 0, "lora.quantize_base",
+                "a quantised base is frozen: it needs LoRA adapters to train (lora.rank > 0)")
 
     @property
     def scale(self) -> float:
@@ -124,7 +137,7 @@ class PipelineConfig:
     # (addition) task, or a text task of local files
     task: ToyTaskConfig | AdditionTaskConfig | TextTaskConfig = ToyTaskConfig()
     sft: SFTConfig = SFTConfig()
-    lora: LoraConfig = LoraConfig()  # LoRA adapters for SFT instead of full fine-tuning (rank 0: off)
+    lora: LoraConfig = LoraConfig()  # LoRA adapters on one frozen base for every trained role (rank 0: off)
     reward_model: RewardModelConfig = RewardModelConfig()
     ppo: PPOConfig = PPOConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
@@ -158,6 +171,15 @@ class PipelineConfig:
             require(self.ppo.critic_role != "separate" or self.ppo.critic_init == "sft", "ppo.critic_init",
                     "'reward_model' initialises the critic from the reward model; with reward functions there is "
                     "none (use 'sft')")
+        if self.lora.rank:  # every role sits on the one frozen base (the SFT policy)
+            require(self.reward_model.init == "sft" or bool(self.reward_functions), "reward_model.init",
+                    "with LoRA the reward model is adapters + a head on the SFT model (init='sft'); "
+                    "a scratch trunk would be a second base")
+            require(self.reward_model.online_every == 0, "reward_model.online_every",
+                    "online reward-model refreshes with LoRA are not supported yet (set it to 0 or lora.rank=0)")
+            require(self.ppo.frozen_dtype is None, "ppo.frozen_dtype",
+                    "with LoRA the frozen roles share the trained roles' base; shrink it with "
+                    "lora.quantize_base instead")
         require(not text or bool(self.pretrained), "pretrained", "a text task needs a pretrained model (its tokenizer)")
         require(bool(self.pretrained) or self.sft.steps >= 1, "sft.steps",
                 "a randomly initialised model needs SFT (steps >= 1)")
@@ -197,4 +219,5 @@ class PipelineConfig:
                                   whiten_advantages=self.ppo.whiten, reference_model=self.ppo.builds_reference)
         if not ppo.stop_token_ids:
             ppo = dataclasses.replace(ppo, stop_token_ids=tuple(stop_token_ids), pad_token_id=int(pad_token_id))
-        return dataclasses.replace(self, ppo=ppo)
+        model = dataclasses.replace(self.model, lora_scale=self.lora.scale) if self.lora.rank else self.model
+        return dataclasses.replace(self, ppo=ppo, model=model)

@@ -29,6 +29,7 @@ from flax.training.train_state import TrainState
 
 from jaxppo.config import require
 from jaxppo.kl_control import KLControlState, init_kl_control, update_kl_control
+from jaxppo.lora import ROLE_KEYS, TARGETS, compose, init_adapters, role_params
 from jaxppo.losses import POLICY_LOSSES, kl_penalty, value_loss
 from jaxppo.masking import masked_mean, nonempty_rows, valid_count
 from jaxppo.models.config import ModelConfig, cast_params
@@ -44,14 +45,17 @@ Array = jax.Array
 
 
 def actor_loss(config: ModelConfig, ppo: PPOConfig, params: dict, batch: dict,
-               denominators: dict | None = None) -> tuple[Array, dict]:
+               denominators: dict | None = None, *, base: dict | None = None) -> tuple[Array, dict]:
     """The actor's minibatch loss (see the module docstring) and its diagnostics.
 
     ``batch`` holds ``traj`` (a :class:`Trajectory`), ``kl_coef`` and, when ``ppo.ptx_coef > 0``,
     ``ptx`` (an SFT batch). Every term divides by ``denominators`` (:func:`update_denominators` of
     the whole minibatch when ``batch`` is one of its micro-batches; None: this batch's own), so the
     micro-batches' losses, gradients and aux sum to the minibatch's; ``max_abs_log_ratio`` is a max.
+    With ``base`` (LoRA: the frozen shared weights) ``params`` are the actor's own (adapters, value
+    head) and the model is :func:`jaxppo.lora.compose` of the two.
     """
+    params = compose(base, params)
     traj: Trajectory = batch["traj"]
     mask = traj.loss_mask  # the response tokens, less the groups dynamic sampling drops
     shared = ppo.critic_role == "shared"
@@ -90,8 +94,10 @@ def actor_loss(config: ModelConfig, ppo: PPOConfig, params: dict, batch: dict,
 
 
 def critic_loss(config: ModelConfig, ppo: PPOConfig, params: dict, batch: dict,
-                denominators: dict | None = None) -> tuple[Array, dict]:
-    """A separate critic's clipped value loss × ``vf_coef``; ``batch`` and ``denominators`` as in :func:`actor_loss`."""
+                denominators: dict | None = None, *, base: dict | None = None) -> tuple[Array, dict]:
+    """A separate critic's clipped value loss × ``vf_coef``; ``batch``, ``denominators`` and ``base`` as in
+    :func:`actor_loss`."""
+    params = compose(base, params)
     traj: Trajectory = batch["traj"]
     tokens = valid_count(traj.loss_mask) if denominators is None else denominators["tokens"]
     values = response_values(config, params, traj.prompt, traj.prompt_mask, traj.response, traj.response_mask)
@@ -112,18 +118,19 @@ def update_denominators(batch: dict) -> dict:
 
 
 def make_update(actor_config: ModelConfig, ppo: PPOConfig, *, critic_config: ModelConfig | None = None):
-    """Jitted ``update(actor_state, critic_state, traj, key, kl_coef, ptx) -> (actor, critic, metrics)``.
+    """Jitted ``update(actor_state, critic_state, traj, key, kl_coef, ptx, base) -> (actor, critic, metrics)``.
 
     ``critic_state`` is None for a shared critic; ``ptx`` is an SFT batch (see :mod:`jaxppo.sft`)
-    used when ``ppo.ptx_coef > 0`` (else None). Metrics are means over all minibatch steps, except
+    used when ``ppo.ptx_coef > 0`` (else None); ``base`` the frozen weights the states' LoRA adapters
+    and heads sit on (:func:`jaxppo.lora.compose`; not donated), None for full fine-tuning. Metrics are means over all minibatch steps, except
     ``first_max_abs_log_ratio``: |log ρ| on the first minibatch of the first epoch, which must be
     ~0 (the update recomputes exactly the rollout's old log-probs).
     """
     critic_config = critic_config or actor_config
-    actor_loss_fn = functools.partial(actor_loss, actor_config, ppo)
-    critic_loss_fn = functools.partial(critic_loss, critic_config, ppo)
 
-    def minibatch_step(carry, minibatch):
+    def minibatch_step(base, carry, minibatch):
+        actor_loss_fn = functools.partial(actor_loss, actor_config, ppo, base=base)
+        critic_loss_fn = functools.partial(critic_loss, critic_config, ppo, base=base)
         actor, critic, kl_coef, ptx = carry
         # The trajectory and the ptx demonstrations are both split into micro-batches; every term divides
         # by the whole minibatch's counts, so the split changes memory, not the loss or its gradient.
@@ -149,7 +156,8 @@ def make_update(actor_config: ModelConfig, ppo: PPOConfig, *, critic_config: Mod
         return (actor, critic, kl_coef, ptx), aux
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def update(actor: TrainState, critic: TrainState | None, traj: Trajectory, key: Array, kl_coef, ptx=None):
+    def update(actor: TrainState, critic: TrainState | None, traj: Trajectory, key: Array, kl_coef, ptx=None,
+               base=None):
         batch_size = traj.response.shape[0]
         if batch_size != ppo.batch_size:
             raise ValueError(f"trajectory batch {batch_size} != ppo.batch_size {ppo.batch_size}")
@@ -157,7 +165,7 @@ def make_update(actor_config: ModelConfig, ppo: PPOConfig, *, critic_config: Mod
         def epoch(carry, epoch_key):
             order = jax.random.permutation(epoch_key, batch_size).reshape(ppo.minibatches, ppo.minibatch_size)
             minibatches = jax.tree.map(lambda x: x[order], traj)
-            return jax.lax.scan(minibatch_step, carry, minibatches)
+            return jax.lax.scan(functools.partial(minibatch_step, base), carry, minibatches)
 
         carry = (actor, critic, jnp.asarray(kl_coef, jnp.float32), ptx)
         (actor, critic, _, _), aux = jax.lax.scan(epoch, carry, jax.random.split(key, ppo.epochs))
@@ -189,10 +197,15 @@ class PPOState(struct.PyTreeNode):
 class FrozenRoles(struct.PyTreeNode):
     """The frozen side of PPO: the reference (KL anchor) and the reward model, as bare params stored
     in ``ppo.frozen_dtype``; ``reference`` is None when the run builds none (``ppo.builds_reference``:
-    β = 0), ``reward`` when reward functions score the responses."""
+    β = 0), ``reward`` when reward functions score the responses.
+
+    With LoRA, ``base`` holds the frozen weights every role shares (the SFT policy) and each role
+    holds only its own adapters and head (:func:`jaxppo.lora.compose`): the reference is ``{}`` (the
+    base itself) or, after a refresh, a copy of the actor's adapters."""
 
     reference: dict | None
     reward: dict | None
+    base: dict | None = None
 
 
 def frozen_params(params: dict, mesh, *, dtype: str | None) -> dict:
@@ -210,7 +223,7 @@ def frozen_roles(ppo: PPOConfig, mesh, *, reference: dict, reward: dict | None) 
 
 
 def init_ppo(config: ModelConfig, ppo: PPOConfig, mesh, *, sft_params: dict, reward_params: dict | None,
-             key: Array) -> tuple[PPOState, FrozenRoles]:
+             key: Array, lora_rank: int = 0, lora_targets: tuple[str, ...] = TARGETS) -> tuple[PPOState, FrozenRoles]:
     """The PPO roles built already sharded by :data:`jaxppo.sharding.RULES`, each with its own buffers.
 
     * actor: the SFT params (plus a zero-initialised ``value_head`` for ``ppo.critic="shared"``),
@@ -220,7 +233,16 @@ def init_ppo(config: ModelConfig, ppo: PPOConfig, mesh, *, sft_params: dict, rew
       head (``"sft"``), with ``ppo.critic_learning_rate``;
     * KL controller at β = ``ppo.kl_coef``; frozen reference = SFT params (none when
       ``ppo.builds_reference`` is false), reward = ``reward_params``.
+
+    With ``lora_rank > 0`` (``config.lora_scale`` set) the SFT params are the one frozen ``base``
+    (:class:`FrozenRoles`) and each role holds its own params only: the actor fresh adapters (B = 0:
+    it starts as the base), the critic fresh adapters and value head, or the reward model's adapters
+    and head (``critic_init="reward_model"``; ``reward_params`` hold adapters on the same base);
+    only they have optimizer state.
     """
+    if lora_rank:
+        return _init_lora_ppo(config, ppo, mesh, sft_params=sft_params, reward_params=reward_params, key=key,
+                              rank=lora_rank, targets=lora_targets)
     actor_params = {k: v for k, v in sft_params.items() if k != "value_head"}
     critic = None
     if ppo.critic_role == "shared":
@@ -242,6 +264,38 @@ def init_ppo(config: ModelConfig, ppo: PPOConfig, mesh, *, sft_params: dict, rew
     return PPOState(actor, critic, kl), frozen_roles(ppo, mesh, reference=sft_params, reward=reward_params)
 
 
+def _init_lora_ppo(config: ModelConfig, ppo: PPOConfig, mesh, *, sft_params: dict, reward_params: dict | None,
+                   key: Array, rank: int, targets: tuple[str, ...]) -> tuple[PPOState, FrozenRoles]:
+    """:func:`init_ppo` with LoRA roles on one frozen base."""
+    require(config.lora_scale is not None, "model.lora_scale", "LoRA roles need the adapters' scale (α / r)")
+    require(ppo.frozen_dtype is None, "ppo.frozen_dtype", "with LoRA the frozen roles share the actor's base")
+    actor_key, critic_key, head_key = jax.random.split(key, 3)
+    base = shard_tree({k: v for k, v in sft_params.items() if k not in ROLE_KEYS}, mesh)
+    actor_params = {"lora": init_adapters(config, actor_key, rank=rank, targets=targets)}
+    if ppo.critic_role == "shared":
+        actor_params["value_head"] = init_scalar_head(config, head_key, "value_head")
+    critic = None
+    if ppo.critic_role == "separate":
+        if ppo.critic_init == "reward_model":
+            require(reward_params is not None, "ppo.critic_init", "'reward_model' needs a reward model; use 'sft'")
+            critic_params = {k: v for k, v in role_params(reward_params).items() if k != "reward_head"}
+            critic_params["value_head"] = reward_params["reward_head"]
+        else:
+            critic_params = {"lora": init_adapters(config, critic_key, rank=rank, targets=targets),
+                             "value_head": init_scalar_head(config, head_key, "value_head")}
+        tx = make_optimizer(learning_rate=ppo.critic_learning_rate or ppo.learning_rate,
+                            max_grad_norm=ppo.max_grad_norm)
+        critic = init_sharded(lambda p: create_train_state(p, tx), mesh, critic_params)
+    tx = make_optimizer(learning_rate=ppo.learning_rate, max_grad_norm=ppo.max_grad_norm)
+    actor = init_sharded(lambda p: create_train_state(p, tx), mesh, actor_params)
+    kl = replicate(init_kl_control(kl_coef=ppo.kl_coef), mesh)
+    reference = None
+    if ppo.builds_reference:  # the base itself; refreshed references are copies of the actor's adapters
+        reference = frozen_params(role_params(actor.params), mesh, dtype=None) if ppo.ref_refresh_every else {}
+    reward = None if reward_params is None else frozen_params(role_params(reward_params), mesh, dtype=None)
+    return PPOState(actor, critic, kl), FrozenRoles(reference, reward, base)
+
+
 def ppo_iteration(rollout, update, kl_update, state: PPOState, frozen: FrozenRoles, prompt: Array,
                   prompt_mask: Array, sample_key: Array, update_key: Array, ptx=None):
     """One PPO iteration — rollout, update, KL controller — as ``(state, samples, metrics)``;
@@ -252,9 +306,11 @@ def ppo_iteration(rollout, update, kl_update, state: PPOState, frozen: FrozenRol
     called from the host with the jitted ``rollout`` and ``update`` as two programs (unfused).
     """
     critic_params = None if state.critic is None else state.critic.params
-    traj, metrics = rollout(state.actor.params, critic_params, frozen.reference, frozen.reward, prompt,
-                            prompt_mask, sample_key, state.kl.kl_coef)
-    actor, critic, update_metrics = update(state.actor, state.critic, traj, update_key, state.kl.kl_coef, ptx)
+    base = frozen.base  # LoRA: every role is its own params on the one frozen base
+    traj, metrics = rollout(*(compose(base, role) for role in (state.actor.params, critic_params, frozen.reference,
+                                                               frozen.reward)),
+                            prompt, prompt_mask, sample_key, state.kl.kl_coef)
+    actor, critic, update_metrics = update(state.actor, state.critic, traj, update_key, state.kl.kl_coef, ptx, base)
     kl = kl_update(state.kl, metrics["kl"])
     samples = {"prompt": traj.prompt, "prompt_mask": traj.prompt_mask, "response": traj.response,
                "response_mask": traj.response_mask}

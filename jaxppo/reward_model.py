@@ -24,6 +24,7 @@ import numpy as np
 import optax
 from flax.training.train_state import TrainState
 
+from jaxppo.lora import compose
 from jaxppo.losses import OBJECTIVES, bradley_terry_loss, plackett_luce_loss, ranking_counts
 from jaxppo.models.config import ModelConfig
 from jaxppo.optim import accumulate_gradients, skipped_updates
@@ -111,18 +112,23 @@ def head_only(loss_fn, head: str = "reward_head"):
 
 def make_reward_step(config: ModelConfig, *, objective: str = "bradley_terry", use_margin: bool = False,
                      micro_batches: int = 1, train_trunk: bool = True, pooling: str = "last"):
-    """Jitted ``step(state, batch) -> (state, metrics)`` (loss, accuracy, grad norm); state donated.
+    """Jitted ``step(state, batch, base=None) -> (state, metrics)`` (loss, accuracy, grad norm); state donated.
 
     ``train_trunk=False`` trains the scalar head alone (:func:`head_only`); ``pooling`` as in
-    :func:`jaxppo.sequences.response_scores`.
+    :func:`jaxppo.sequences.response_scores`. With ``base`` (LoRA: frozen weights, not donated) the
+    state's params are the reward model's own (adapters and head) and the model is
+    :func:`jaxppo.lora.compose` of the two.
     """
     loss_fn = _loss_fn(config, objective, use_margin, pooling)
     if not train_trunk:
         loss_fn = head_only(loss_fn)
 
     @functools.partial(jax.jit, donate_argnums=0)
-    def step(state: TrainState, batch: dict):
-        loss, aux, grads = accumulate_gradients(loss_fn, state.params, batch,
+    def step(state: TrainState, batch: dict, base: dict | None = None):
+        def role_loss(params, *args):
+            return loss_fn(compose(base, params), *args)
+
+        loss, aux, grads = accumulate_gradients(role_loss, state.params, batch,
                                                 preference_denominators(batch, objective=objective),
                                                 micro_batches=micro_batches)
         state = constrain_tree(state.apply_gradients(grads=grads))

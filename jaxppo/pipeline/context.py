@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import fcntl
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -158,21 +159,48 @@ def resume(ctx: RunContext, stage: str, targets: dict):
     return step, items, meta
 
 
+def params_digest(params: dict) -> str:
+    """SHA-256 of a params tree (every leaf's path, dtype, shape and bytes, in path order): what a
+    LoRA checkpoint records of the frozen base it was trained on."""
+    digest = hashlib.sha256()
+    for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(params)[0], key=lambda item: jax.tree_util.keystr(item[0])):
+        value = to_host(leaf)
+        digest.update(f"{jax.tree_util.keystr(path)}:{value.dtype}:{value.shape};".encode())
+        digest.update(np.ascontiguousarray(value).tobytes())
+    return digest.hexdigest()
+
+
+def check_base(meta: dict, expected: dict, *, stage: str) -> None:
+    """A restored LoRA checkpoint (``meta``) must have been trained on the base this run rebuilt
+    (``expected``: ``{"base": {"pretrained", "digest"}}`` or ``{}`` without LoRA); InputError otherwise."""
+    saved = meta.get("base")
+    if saved is None or not expected:
+        return
+    if saved["digest"] != expected["base"]["digest"]:
+        raise InputError(f"{stage} checkpoint: its LoRA adapters were trained on a base with digest "
+                         f"{saved['digest'][:16]}… (pretrained {saved['pretrained']!r}); this run rebuilt a base "
+                         f"with digest {expected['base']['digest'][:16]}… from {expected['base']['pretrained']!r}. "
+                         "Resume with the same pretrained weights, or use a new --run-dir")
+
+
 def save(ctx: RunContext, stage: str, step: int, items: dict, meta: dict | None = None) -> None:
     if stage in ctx.checkpoints:
         ctx.checkpoints[stage].save(step, items, meta)
 
 
-def fit(ctx: RunContext, stage: str, state, step_fn, batch_at, steps: int, outputs: dict | None = None):
+def fit(ctx: RunContext, stage: str, state, step_fn, batch_at, steps: int, outputs: dict | None = None,
+        base_meta: dict | None = None):
     """``steps`` of ``state, metrics = step_fn(state, batch_at(i))`` with logs and periodic checkpoints.
 
     Returns ``(state, done_items, meta)``: when the stage's checkpoint says it is done, the saved
     outputs and meta instead of training again (``outputs`` are restore targets for those).
-    Metrics reach the host once per logged step.
+    Metrics reach the host once per logged step. ``base_meta`` (LoRA: the frozen base's pointer and
+    digest) goes into every checkpoint's meta, and a restored one must match it (:func:`check_base`).
     """
     every = ctx.config.checkpoint.every_steps
     targets = {"state": state, **(outputs or {})} if is_done(ctx, stage) else {"state": state}
     start, items, meta = resume(ctx, stage, targets)
+    check_base(meta, base_meta or {}, stage=stage)
     if items is not None:
         state = items["state"]
         if meta.get("done"):
@@ -183,7 +211,7 @@ def fit(ctx: RunContext, stage: str, state, step_fn, batch_at, steps: int, outpu
         if i % STEP_LOG_EVERY == 0 or i == steps - 1:
             bar.set_postfix(ctx.logger.log(stage, i, jax.device_get(metrics)))
         if (i + 1) % every == 0 and i + 1 < steps:
-            save(ctx, stage, i + 1, {"state": state})
+            save(ctx, stage, i + 1, {"state": state}, base_meta)
     return state, None, {}
 
 

@@ -20,8 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxppo.lora import compose
 from jaxppo.optim import check_updates_applied, skipped_updates
-from jaxppo.pipeline.context import RunContext, resume, save
+from jaxppo.pipeline.context import RunContext, check_base, params_digest, resume, save
 from jaxppo.pipeline.reward import RewardModel, refresh_reward_model
 from jaxppo.ppo import frozen_params, init_ppo, make_iteration
 from jaxppo.rewards import make_score_fn
@@ -83,19 +84,27 @@ def iteration_prompts(ctx: RunContext, it: int):
 
 def ppo_stage(ctx: RunContext, sft_params: dict, reward: RewardModel | None) -> tuple[dict, RewardModel | None]:
     """RL (PPO or a critic-free estimator) against the reward model, or the reward functions when
-    ``reward`` is None; returns the final actor params and the (refreshed) reward model."""
+    ``reward`` is None; returns the final actor params and the (refreshed) reward model.
+
+    With LoRA (``lora.rank > 0``) every role is its own adapters and head on the SFT params as one
+    frozen base (:func:`jaxppo.ppo.init_ppo`); checkpoints hold the roles only, with the base's
+    digest in their meta (a resume on another base stops), and the returned actor is the base with
+    its adapters (``{**base, "lora": …}``: :func:`jaxppo.lora.merge` gives the plain model)."""
     c, ppo = ctx.config, ctx.config.ppo
     online, refresh = c.reward_model.online_every, ppo.ref_refresh_every > 0
     state, frozen = init_ppo(c.model, ppo, ctx.mesh, sft_params=sft_params,
-                             reward_params=None if reward is None else reward.params, key=ctx.key("value-head"))
+                             reward_params=None if reward is None else reward.params, key=ctx.key("value-head"),
+                             lora_rank=c.lora.rank, lora_targets=c.lora.targets)
+    base_meta = {} if frozen.base is None else {"base": {"pretrained": c.pretrained, "digest": params_digest(frozen.base)}}
 
     def checkpoint_items(state, frozen, reward):
         return {"actor": state.actor, "critic": state.critic, "kl": state.kl,
                 "reference": frozen.reference if refresh else None,
                 **({"rm_state": reward.state, "rm_params": reward.params, "rm_data": reward.train} if online else {})}
 
-    start, items, _ = resume(ctx, "ppo", {**checkpoint_items(state, frozen, reward),
-                                          **({"rm_data": ...} if online else {})})
+    start, items, meta = resume(ctx, "ppo", {**checkpoint_items(state, frozen, reward),
+                                             **({"rm_data": ...} if online else {})})
+    check_base(meta, base_meta, stage="ppo")
     if items is not None:
         state = state.replace(actor=items["actor"], critic=items.get("critic"), kl=items["kl"])
         if refresh:
@@ -117,7 +126,7 @@ def ppo_stage(ctx: RunContext, sft_params: dict, reward: RewardModel | None) -> 
     it = start
     while it < ppo.iterations:
         if online and it > 0 and it % online == 0:
-            reward = refresh_reward_model(ctx, it, state.actor.params, reward)
+            reward = refresh_reward_model(ctx, it, compose(frozen.base, state.actor.params), reward)
             frozen = frozen.replace(reward=frozen_params(reward.params, ctx.mesh, dtype=ppo.frozen_dtype))
         k = iterations_in_call(it, iterations=ppo.iterations, per_call=ppo.iterations_per_call,
                                host_every=(c.checkpoint.every_iterations, online, ppo.ref_refresh_every))
@@ -156,6 +165,6 @@ def ppo_stage(ctx: RunContext, sft_params: dict, reward: RewardModel | None) -> 
                 check_updates_applied(getattr(state, role), stage=f"ppo ({role})", learning_rate_field=field,
                                       learning_rate=lr)
         if it % c.checkpoint.every_iterations == 0 or done:
-            save(ctx, "ppo", it, checkpoint_items(state, frozen, reward), {"done": done})
+            save(ctx, "ppo", it, checkpoint_items(state, frozen, reward), {"done": done, **base_meta})
     bar.close()
-    return {k: v for k, v in state.actor.params.items() if k != "value_head"}, reward
+    return compose(frozen.base, {k: v for k, v in state.actor.params.items() if k != "value_head"}), reward

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import jax
 
@@ -22,6 +23,31 @@ def _plot(logger, stage: str, keys: list[str], **kwargs) -> None:
         logger.plot(stage, keys, **kwargs)
     except Exception as e:  # noqa: BLE001  (any plotting failure)
         _log.warning(f"{kwargs['filename']}: not drawn ({type(e).__name__}: {e})")
+
+
+def export_actor(ctx: RunContext, final_params: dict) -> dict:
+    """Writes the final actor as a Hugging Face directory ``actor_hf/``; with LoRA also its adapters
+    as a PEFT adapter ``actor_adapter/`` and, unless the base is an HF directory the user gave
+    (``pretrained`` with ``sft.steps=0``), that base as ``base_hf/``: ``peft`` puts
+    ``actor_adapter/`` on ``base_hf/`` and gets ``actor_hf/``'s model. Returns the paths written. A
+    collective (the params are gathered): every process calls it; only process 0 writes."""
+    from jaxppo.lora import merge
+    from jaxppo.weights.hf import save_pretrained
+    from jaxppo.weights.peft import save_adapter
+
+    c, run_dir, tokenizer = ctx.config, ctx.logger.run_dir, ctx.task.tokenizer
+    host_params = jax.tree.map(to_host, final_params)  # a collective: every process takes part
+    if jax.process_index() != 0:
+        return {}
+    if "lora" not in host_params:
+        return {"actor_hf": str(save_pretrained(run_dir / "actor_hf", c.model, host_params, tokenizer))}
+    base = {k: v for k, v in host_params.items() if k != "lora"}
+    user_base = bool(c.pretrained) and c.sft.steps == 0 and Path(c.pretrained).is_dir()
+    base_dir = Path(c.pretrained) if user_base else save_pretrained(run_dir / "base_hf", c.model, base, tokenizer)
+    paths = {"actor_hf": str(save_pretrained(run_dir / "actor_hf", c.model, merge(c.model, host_params), tokenizer)),
+             "actor_adapter": str(save_adapter(run_dir / "actor_adapter", c.model, host_params["lora"],
+                                               alpha=c.lora.alpha, rslora=c.lora.rslora, base_model=str(base_dir)))}
+    return {**paths, "base_hf": str(base_dir)}
 
 
 def write_summary(ctx: RunContext, *, sft_eval: dict, final_eval: dict, reward_result: dict, final_params: dict,
@@ -52,12 +78,7 @@ def write_summary(ctx: RunContext, *, sft_eval: dict, final_eval: dict, reward_r
     if isinstance(ctx.task, TextTask):
         summary["prompts_truncated"] = ctx.task.num_truncated_prompts
     if c.export_hf:
-        from jaxppo.weights.hf import save_pretrained
-
-        host_params = jax.tree.map(to_host, final_params)  # a collective: every process takes part
-        if jax.process_index() == 0:
-            summary["actor_hf"] = str(save_pretrained(logger.run_dir / "actor_hf", c.model, host_params,
-                                                      ctx.task.tokenizer))
+        summary.update(export_actor(ctx, final_params))
     _plot(logger, "ppo", ["gold_reward", "proxy_reward", "kl"], filename="ppo.png",
           title=f"RL ({c.ppo.estimator}): gold vs proxy reward and KL to the reference")
     if c.sft.steps:

@@ -12,10 +12,11 @@ import numpy as np
 
 from jaxppo import preferences
 from jaxppo.data import batch_indices
+from jaxppo.lora import ROLE_KEYS, compose, init_adapters
 from jaxppo.models.config import ModelConfig
 from jaxppo.models.heads import init_params, init_scalar_head
 from jaxppo.optim import check_updates_applied, create_train_state, make_optimizer, skipped_updates
-from jaxppo.pipeline.context import RunContext, fit, is_done, sample, save, score
+from jaxppo.pipeline.context import RunContext, fit, is_done, params_digest, sample, save, score
 from jaxppo.pipeline_config import RewardModelConfig
 from jaxppo.ppo import frozen_params
 from jaxppo.reward_model import (
@@ -144,13 +145,13 @@ def _stage_lr(rm: RewardModelConfig) -> dict:
             "learning_rate": rm.learning_rate}
 
 
-def _fit_probe(ctx: RunContext, state, train: dict):
+def _fit_probe(ctx: RunContext, state, train: dict, base: dict | None):
     """``train_trunk=False``: the head trains on standardised trunk features computed once
     (:func:`jaxppo.reward_model.fit_probe`; same steps, batches and optimizer as the head-only step),
     then the standardisation is folded back into the head so it scores raw features. The returned
     state's optimizer state is the initial one."""
     rm = ctx.config.reward_model
-    standard, mu, sigma = standardize_features(_features(ctx, state.params, train))
+    standard, mu, sigma = standardize_features(_features(ctx, compose(base, state.params), train))
     head = head_on_standardized(to_host_tree(state.params["reward_head"]), mu, sigma)
     batch_at = _batches(ctx, "rm-batches", train["prompt"].shape[0])
     rows = np.stack([batch_at(i) for i in range(rm.steps)])
@@ -162,12 +163,13 @@ def _fit_probe(ctx: RunContext, state, train: dict):
     return state.replace(step=head.step, params={**state.params, **trained})
 
 
-def normalized(ctx: RunContext, state_params: dict, norm_samples: tuple | None) -> dict:
-    """Frozen reward params (own buffers) whose scores of the SFT samples have mean 0 and std 1."""
+def normalized(ctx: RunContext, state_params: dict, norm_samples: tuple | None, base: dict | None = None) -> dict:
+    """Frozen reward params (own buffers) whose scores of the SFT samples have mean 0 and std 1; with
+    ``base`` (LoRA) the reward model's own params (adapters, head), scored on it."""
     params = frozen_params(state_params, ctx.mesh, dtype=None)
     if norm_samples is None:
         return params
-    return normalize_reward_head(params, score(ctx, params, *norm_samples))
+    return normalize_reward_head(params, score(ctx, compose(base, params), *norm_samples))
 
 
 def _norm_samples(ctx: RunContext, sft_params: dict) -> tuple | None:
@@ -179,9 +181,20 @@ def _norm_samples(ctx: RunContext, sft_params: dict) -> tuple | None:
 
 
 def reward_model_stage(ctx: RunContext, sft_params: dict) -> RewardModel:
-    """Train the reward model on preference data, evaluate it on held-out pairs, normalise it."""
+    """Train the reward model on preference data, evaluate it on held-out pairs, normalise it.
+
+    With LoRA (``lora.rank > 0``) the reward model is adapters (none for a linear probe) and a head
+    on the SFT params as a frozen base: only those train and checkpoint (with the base's digest), and
+    the returned params are ``{**base, "lora": …, "reward_head": …}`` (the base's buffers, not a copy)."""
     c, rm = ctx.config, ctx.config.reward_model
-    if rm.init == "sft":  # the InstructGPT recipe: the SFT model's trunk
+    base = None
+    if c.lora.rank:  # the SFT model is the frozen base; the reward model trains its own adapters and head
+        base = {k: v for k, v in sft_params.items() if k not in ROLE_KEYS}
+        params = {}
+        if rm.train_trunk:
+            params["lora"] = init_sharded(functools.partial(init_adapters, c.model, rank=c.lora.rank,
+                                                            targets=c.lora.targets), ctx.mesh, ctx.key("rm-lora"))
+    elif rm.init == "sft":  # the InstructGPT recipe: the SFT model's trunk
         params = {k: v for k, v in sft_params.items() if k != "lm_head"}
     else:  # "scratch": a freshly initialised trunk of the same architecture
         params = {k: v for k, v in init_params(c.model, ctx.key("rm-init")).items() if k != "lm_head"}
@@ -191,27 +204,36 @@ def reward_model_stage(ctx: RunContext, sft_params: dict) -> RewardModel:
     fns = reward_fns(c.model, rm)
     train, held_out, labels = preferences.split(preference_data(ctx, sft_params), eval_fraction=rm.eval_fraction,
                                                 batch_size=rm.batch_size)
+    base_meta = {} if base is None else {"base": {"pretrained": c.pretrained, "digest": params_digest(base)}}
     if is_done(ctx, "reward_model"):  # resumed: online refreshes still need the normalisation samples
-        state, done, meta = fit(ctx, "reward_model", state, None, None, rm.steps, {"output": params})
+        state, done, meta = fit(ctx, "reward_model", state, None, None, rm.steps, {"output": params}, base_meta)
         norm_samples = _norm_samples(ctx, sft_params) if rm.online_every else None
-        return RewardModel(done["output"], state, train, meta["result"], norm_samples)
+        return RewardModel(compose(base, done["output"]), state, train, meta["result"], norm_samples)
     norm_samples = _norm_samples(ctx, sft_params)
     n_train = train["prompt"].shape[0]
     if rm.train_trunk:
         batch_at = _batches(ctx, "rm-batches", n_train)
-        state, _, _ = fit(ctx, "reward_model", state, fns.step, lambda i: preferences.rows(train, batch_at(i)),
-                          rm.steps)
+        step = fns.step if base is None else functools.partial(_step_on, fns.step, base)
+        state, _, _ = fit(ctx, "reward_model", state, step, lambda i: preferences.rows(train, batch_at(i)),
+                          rm.steps, base_meta=base_meta)
         check_updates_applied(state, **_stage_lr(rm))
     else:
-        state = _fit_probe(ctx, state, train)
-    eval_metrics = jax.device_get(fns.evaluate(state.params, shard_batch(held_out, ctx.mesh)))
+        state = _fit_probe(ctx, state, train, base)
+    model = compose(base, state.params)
+    eval_metrics = jax.device_get(fns.evaluate(model, shard_batch(held_out, ctx.mesh)))
     result = {"eval_accuracy": float(eval_metrics["accuracy"]), "eval_loss": float(eval_metrics["loss"]),
               "num_train": n_train, "num_eval": held_out["prompt"].shape[0],
-              **gold_accuracy(ctx, state.params, held_out, labels)}
-    params = normalized(ctx, state.params, norm_samples)
+              **gold_accuracy(ctx, model, held_out, labels)}
+    params = normalized(ctx, state.params, norm_samples, base)
     ctx.logger.log("reward_model_eval", rm.steps, result)
-    save(ctx, "reward_model", rm.steps, {"state": state, "output": params}, {"done": True, "result": result})
-    return RewardModel(params, state, train, result, norm_samples)
+    save(ctx, "reward_model", rm.steps, {"state": state, "output": params},
+         {"done": True, "result": result, **base_meta})
+    return RewardModel(compose(base, params), state, train, result, norm_samples)
+
+
+def _step_on(step, base, state, batch):
+    """A reward-model step of the LoRA roles' params on the frozen ``base``."""
+    return step(state, batch, base)
 
 
 def refresh_reward_model(ctx: RunContext, it: int, policy_params: dict, reward: RewardModel) -> RewardModel:
