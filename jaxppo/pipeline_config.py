@@ -13,8 +13,7 @@ from jaxppo.sharding import MeshConfig
 from jaxppo.tasks import TextTaskConfig
 from jaxppo.toy_task import ToyTaskConfig
 from jaxppo.addition_task import AdditionTaskConfig
-
-QUANTIZE_BASE = ("none", "int8", "nf4")
+from jaxppo.quant import KINDS as QUANTIZE_BASE
 
 
 @dataclasses.dataclass(frozen=True)

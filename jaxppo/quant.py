@@ -12,13 +12,32 @@ NormalFloat levels ``q`` (:data:`NF4_LEVELS`: quantiles of N(0, 1) scaled to [�
 
 **int8.** Per output channel ``s = max_in |w| / 127`` (float32), ``code = round(w / s)`` in
 [−127, 127]; dequantised ``code · s``. 8 bits per weight plus one scale per output.
+
+**A quantised base** (:func:`quantize_params`). The four stacked projection kernels of
+:mod:`jaxppo.models.llama` (:data:`PROJECTIONS`; input axis 1, after the layer axis) are stored as
+codes and scales; everything else (embeddings, norms, biases, ``lm_head``, scalar heads, ``"lora"``)
+stays as it is. A projection's ``kernel`` is replaced by two leaves, the codes named after the kind::
+
+    int8: kernel_int8   int8    like the kernel                  [L, d_in, out…]
+          kernel_scale  float32 one per output channel           [L, 1, out…]
+    nf4:  kernel_nf4    uint8   two codes per byte along d_in     [L, d_in / 2, out…]
+          kernel_scale  float32 the absmax of each block          [L, d_in / block, out…]
+
+(``block`` is not stored: it is twice the codes' input size over the scales', static shapes). The
+model dequantises one layer at a time inside its layer scan (:func:`dequantize_projection` with
+``in_axis=0``); :func:`dequantize_params` gives the whole float tree back (tests, merged export).
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+if TYPE_CHECKING:  # jaxppo.models imports this module: no import of it at run time
+    from jaxppo.models.config import ModelConfig
 
 Array = jax.Array
 
@@ -77,3 +96,74 @@ def quantize_int8(w: Array, *, in_axis: int = 0) -> tuple[Array, Array]:
 def dequantize_int8(codes: Array, scale: Array, *, dtype=jnp.float32) -> Array:
     """``code · scale``, in ``dtype``."""
     return (codes.astype(jnp.float32) * scale).astype(dtype)
+
+
+# the decoder's projections a quantised base stores as codes: (group under params["layers"], name)
+PROJECTIONS = (("attn", "qkv_proj"), ("attn", "o_proj"), ("mlp", "gate_up_proj"), ("mlp", "down_proj"))
+KINDS = ("none", "int8", "nf4")
+
+
+def _input_size(config: ModelConfig, name: str) -> tuple[int, str]:
+    """A projection's input dimension and the config field it comes from."""
+    if name in ("qkv_proj", "gate_up_proj"):
+        return config.hidden_size, "hidden_size"
+    if name == "o_proj":
+        return config.num_heads * config.head_dim, "num_heads · head_dim"
+    return config.intermediate_size, "intermediate_size"
+
+
+def quantize_params(config: ModelConfig, params: dict, *, kind: str, block: int = 64) -> dict:
+    """``params`` with the :data:`PROJECTIONS` kernels stored as ``kind`` codes and scales (the layout of
+    the module docstring); ``"none"``: ``params`` as they are. NF4 needs ``block`` (even) to divide
+    each projection's input dimension (``hidden_size``, ``num_heads · head_dim``, ``intermediate_size``)."""
+    if kind not in KINDS:
+        raise ValueError(f"lora.quantize_base: {kind!r} is not one of {KINDS}")
+    if kind == "none":
+        return params
+    for group, name in PROJECTIONS:  # every check before any work
+        if "kernel" not in params["layers"][group][name]:
+            raise ValueError(f"quantize_params: layers/{group}/{name} has no float `kernel` (already quantised?)")
+        d_in, field = _input_size(config, name)
+        if kind == "nf4" and (block < 2 or block % 2 or d_in % block):
+            raise ValueError(f"lora.quantize_base='nf4': blocks of {block} input features must divide "
+                             f"layers/{group}/{name}'s input dimension {d_in} (model.{field}); use int8 or an "
+                             "even block size that divides it")
+    layers = dict(params["layers"])
+    for group, name in PROJECTIONS:
+        projection = dict(layers[group][name])
+        kernel = projection.pop("kernel")
+        if kind == "int8":
+            codes, scale = quantize_int8(kernel, in_axis=1)
+        else:
+            codes, scale = quantize_nf4(kernel, block=block, in_axis=1)
+        layers[group] = {**layers[group], name: {**projection, f"kernel_{kind}": codes, "kernel_scale": scale}}
+    return {**params, "layers": layers}
+
+
+def dequantize_projection(projection: dict, *, in_axis: int, dtype) -> dict:
+    """One projection's leaves with ``kernel_int8`` / ``kernel_nf4`` and ``kernel_scale`` replaced by
+    the float ``kernel`` in ``dtype`` (input axis ``in_axis``: 1 stacked, 0 for one layer); a float
+    projection as it is."""
+    rest = {k: v for k, v in projection.items() if k not in ("kernel_int8", "kernel_nf4", "kernel_scale")}
+    if "kernel_int8" in projection:
+        return {**rest, "kernel": dequantize_int8(projection["kernel_int8"], projection["kernel_scale"], dtype=dtype)}
+    if "kernel_nf4" in projection:
+        codes, absmax = projection["kernel_nf4"], projection["kernel_scale"]
+        block = 2 * codes.shape[in_axis] // absmax.shape[in_axis]
+        return {**rest, "kernel": dequantize_nf4(codes, absmax, block=block, in_axis=in_axis, dtype=dtype)}
+    return projection
+
+
+def dequantize_params(config: ModelConfig, params: dict) -> dict:
+    """The float params of :func:`quantize_params`'s output (kernels in ``config``'s param dtype)."""
+    layers = dict(params["layers"])
+    for group, name in PROJECTIONS:
+        projection = dequantize_projection(layers[group][name], in_axis=1, dtype=config.jnp_param_dtype)
+        layers[group] = {**layers[group], name: projection}
+    return {**params, "layers": layers}
+
+
+def is_quantized(params: dict) -> bool:
+    """Whether ``params`` hold a quantised projection (:func:`quantize_params`)."""
+    layers = params.get("layers", {})
+    return any("kernel_scale" in layers.get(group, {}).get(name, {}) for group, name in PROJECTIONS)

@@ -51,11 +51,16 @@ BATCH_AXES = ("data", "fsdp")
 RULES: tuple[tuple[str, P], ...] = (
     (r"embed/embedding$", P("tensor", "fsdp")),  # [V, D]: vocabulary over tensor
     # [L, D, H_kv, G + 2, Dh]: KV heads (each with its query heads) over tensor
-    (r"layers/attn/qkv_proj/kernel$", P(None, "fsdp", "tensor", None, None)),
+    # a quantised base (jaxppo.quant): the codes as the kernel (NF4's input axis halved), the scales like the
+    # kernel's output (their input axis, 1 or d_in / block, never split)
+    (r"layers/attn/qkv_proj/kernel(_int8|_nf4)?$", P(None, "fsdp", "tensor", None, None)),
+    (r"layers/attn/qkv_proj/kernel_scale$", P(None, None, "tensor", None, None)),
     (r"layers/attn/qkv_proj/bias$", P(None, "tensor", None, None)),  # [L, H_kv, G + 2, Dh]
-    (r"layers/attn/o_proj/kernel$", P(None, "tensor", "fsdp")),  # [L, H·Dh, D]
-    (r"layers/mlp/gate_up_proj/kernel$", P(None, "fsdp", None, "tensor")),  # [L, D, 2, F]
-    (r"layers/mlp/down_proj/kernel$", P(None, "tensor", "fsdp")),  # [L, F, D]
+    (r"layers/attn/o_proj/kernel(_int8|_nf4)?$", P(None, "tensor", "fsdp")),  # [L, H·Dh, D]
+    (r"layers/mlp/gate_up_proj/kernel(_int8|_nf4)?$", P(None, "fsdp", None, "tensor")),  # [L, D, 2, F]
+    (r"layers/mlp/gate_up_proj/kernel_scale$", P(None, None, None, "tensor")),
+    (r"layers/mlp/down_proj/kernel(_int8|_nf4)?$", P(None, "tensor", "fsdp")),  # [L, F, D]
+    (r"layers/(attn/o|mlp/down)_proj/kernel_scale$", P(None, None, "fsdp")),
     (r"lm_head/kernel$", P("fsdp", "tensor")),  # [D, V]
     (r"(reward_head|value_head)/kernel$", P("fsdp", None)),  # [D, 1]
     # LoRA adapters (jaxppo.lora): A split like its kernel's input, B like its kernel's output, so x A B lands

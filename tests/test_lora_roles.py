@@ -130,6 +130,34 @@ def test_lora_update_is_the_same_over_micro_batches_of_unequal_lengths(roles, cr
         jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=2e-5, atol=2e-6), out[micro], out[1])
 
 
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
+def test_a_lora_update_on_a_quantized_base_is_the_update_on_its_dequantized_base(roles, kind):
+    """QLoRA: the roles on a base stored as codes (dequantised layer by layer inside the model) take the
+    same PPO update as on the float base those codes stand for (≤ 1e-5): the stored base only changes
+    memory, and it comes back untouched."""
+    from jaxppo.quant import dequantize_params, quantize_params
+
+    sft, reward = roles
+    quantized = quantize_params(LORA_MODEL, sft, kind=kind, block=16)
+    ppo = dataclasses.replace(PPO, critic_init="reward_model")
+    prompts = sample_prompts(TASK, jax.random.key(11), ppo.batch_size)
+    out = {}
+    for name, base in (("quantized", quantized), ("float", dequantize_params(LORA_MODEL, quantized))):
+        state, frozen = init_ppo(LORA_MODEL, ppo, ONE_DEVICE, sft_params=base, reward_params={**base, **reward},
+                                 key=jax.random.key(3), lora_rank=RANK)
+        if name == "quantized":  # one trajectory, sampled on the quantised base, for both updates
+            rollout = make_rollout(LORA_MODEL, ppo, score_fn=gold_score)
+            traj, _ = rollout(compose(frozen.base, state.actor.params), compose(frozen.base, state.critic.params),
+                              compose(frozen.base, frozen.reference), None, *prompts, jax.random.key(12), ppo.kl_coef)
+            before = host(frozen.base)
+        actor, critic, _ = make_update(LORA_MODEL, ppo)(state.actor, state.critic, traj, jax.random.key(13),
+                                                        ppo.kl_coef, None, frozen.base)
+        out[name] = host(jax.tree.leaves((actor.params, critic.params)))
+        if name == "quantized":
+            jax.tree.map(np.testing.assert_array_equal, host(frozen.base), before)
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-5), out["quantized"], out["float"])
+
+
 def test_lora_needs_its_scale_and_a_full_precision_base():
     from jaxppo.config import ConfigError
 
@@ -241,3 +269,28 @@ def meta_file_of(checkpoint):
 
     [path] = [p for p in (checkpoint / META).iterdir() if p.is_file() and '"digest"' in p.read_text()]
     return path
+
+
+def test_lora_config_errors_name_the_field():
+    """What LoRA cannot combine with is refused when the config is built, naming the field."""
+    from jaxppo.config import ConfigError
+    from jaxppo.pipeline_config import LoraConfig
+    from tiny import tiny_config
+
+    config = tiny_config()
+    lora = LoraConfig(rank=4)
+    cases = {
+        "reward_model.init": dict(reward_model=dataclasses.replace(config.reward_model, init="scratch")),
+        "reward_model.online_every": dict(reward_model=dataclasses.replace(config.reward_model, online_every=2)),
+        "ppo.frozen_dtype": dict(ppo=dataclasses.replace(config.ppo, frozen_dtype="bfloat16")),
+    }
+    for field, change in cases.items():
+        with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+            dataclasses.replace(config, lora=lora, **change)
+    for bad, field in ((dict(quantize_base="fp8"), "lora.quantize_base"), (dict(rank=0, quantize_base="nf4"),
+                                                                         "lora.quantize_base")):
+        with pytest.raises(ConfigError, match=field):
+            LoraConfig(**{"rank": 4, **bad})
+    resolved = dataclasses.replace(config, lora=LoraConfig(rank=4, alpha=8.0)).resolved(stop_token_ids=(1,),
+                                                                                      pad_token_id=0)
+    assert resolved.model.lora_scale == 2.0 and config.resolved(stop_token_ids=(1,), pad_token_id=0).model.lora_scale is None

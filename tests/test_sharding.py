@@ -96,6 +96,32 @@ def test_lora_adapters_are_laid_out_like_their_kernels_and_give_the_one_device_f
     np.testing.assert_allclose(sharded, one, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
+def test_a_quantized_base_is_laid_out_like_its_kernels_and_gives_the_one_device_forward(kind):
+    """QLoRA's codes follow their kernel's layout (NF4's halved input axis too), the scales its output
+    split; the forward pass of base + adapters sharded over fsdp × tensor equals the one-device one."""
+    from jaxppo.lora import init_adapters, scaling
+    from jaxppo.models import decoder_hidden
+    from jaxppo.quant import quantize_params
+
+    config = dataclasses.replace(MODEL, lora_scale=scaling(rank=4, alpha=8.0))
+    mesh = make_mesh(LAYOUTS["fsdp_x_tensor"])
+    lora = jax.tree.map(lambda x: x + 0.1, init_adapters(config, jax.random.key(1), rank=4))
+    params = {**quantize_params(config, init_params(config, jax.random.key(0)), kind=kind, block=16), "lora": lora}
+    specs = jax.tree.map(lambda s: s.spec, tree_shardings(params, mesh))["layers"]
+    assert specs["attn"]["qkv_proj"][f"kernel_{kind}"] == P(None, "fsdp", "tensor")
+    assert specs["attn"]["qkv_proj"]["kernel_scale"] == P(None, None, "tensor")
+    assert specs["mlp"]["down_proj"][f"kernel_{kind}"] == P(None, "tensor", "fsdp")
+    assert specs["mlp"]["down_proj"]["kernel_scale"] == P(None, None, "fsdp")
+    tokens = jax.random.randint(jax.random.key(2), (4, 6), 0, config.vocab_size)
+    mask = np.ones((4, 6), np.int32)
+    forward = jax.jit(lambda p, t, m: decoder_hidden(config, p, t, m)[0])
+    one = forward(params, tokens, mask)
+    with jax.set_mesh(mesh):
+        sharded = forward(shard_tree(params, mesh), tokens, mask)
+    np.testing.assert_allclose(sharded, one, atol=1e-5)
+
+
 def test_fsdp_keeps_an_eighth_of_the_parameters_per_device():
     mesh = make_mesh(LAYOUTS["fsdp"])
     params = init_params(MODEL, jax.random.key(0))

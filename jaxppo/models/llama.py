@@ -28,10 +28,18 @@ split over ``H_kv`` local (each shard holds whole groups). Hugging Face and GGUF
 split layout: :mod:`jaxppo.weights.hf` fuses on import and splits on export.
 
 LM and scalar heads live beside this tree and are applied by :mod:`jaxppo.models.heads`.
+
+**A quantised base** (QLoRA, :func:`jaxppo.quant.quantize_params`): the four projection kernels may be
+stored as int8 / NF4 codes and scales. Inside the layer scan each layer dequantises its own kernels to
+the compute dtype (``nn.map_variables``), so the float kernels of all layers never exist at once, and
+the layer is rematerialised (``model.remat_policy``, or saving every matmul output without
+``model.remat``): the backward pass recomputes a layer's kernels from the codes instead of storing
+every layer's. Gradients reach LoRA adapters and heads; integer codes get none.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -40,6 +48,7 @@ import jax.numpy as jnp
 
 from jaxppo.lora import check_adapters, fused_delta, fused_parts
 from jaxppo.models.config import REMAT_POLICIES, ModelConfig
+from jaxppo.quant import PROJECTIONS, dequantize_projection, is_quantized
 
 Array = jax.Array
 
@@ -191,10 +200,21 @@ class DecoderLayer(nn.Module):
         return x, new_kv
 
 
+def _dequantize_layer(config: ModelConfig, variables: dict) -> dict:
+    """One layer's variables (inside the layer scan) with its quantised projections as float kernels in
+    the compute dtype."""
+    params = variables["params"]
+    for group, name in PROJECTIONS:
+        projection = dequantize_projection(params[group][name], in_axis=0, dtype=config.jnp_dtype)
+        params = {**params, group: {**params[group], name: projection}}
+    return {**variables, "params": params}
+
+
 class Decoder(nn.Module):
     """Embedding → scanned decoder layers → final RMSNorm. Returns hidden states and KV."""
 
     config: ModelConfig
+    quantized: bool = False  # the projections are stored as codes (jaxppo.quant): dequantised layer by layer
 
     @nn.compact
     def __call__(self, tokens, positions, kv_mask, cache: KVCache | None = None, cache_index=0):
@@ -204,8 +224,14 @@ class Decoder(nn.Module):
         x = embed(tokens)
         cos, sin = rope_angles(c, positions)
         layer = DecoderLayer
-        if c.remat:
-            layer = nn.remat(layer, prevent_cse=False, policy=REMAT_POLICIES[c.remat_policy])
+        if self.quantized:
+            layer = nn.map_variables(layer, "params", trans_in_fn=functools.partial(_dequantize_layer, c))
+        if c.remat or self.quantized:
+            # A quantised layer's float kernels are no matmul's output, so none of these policies saves
+            # them: the backward pass recomputes them from the codes instead of storing every layer's.
+            # (Naming them and saving "anything except" would store the value before the name instead.)
+            policy = REMAT_POLICIES[c.remat_policy] if c.remat else jax.checkpoint_policies.dots_saveable
+            layer = nn.remat(layer, prevent_cse=False, policy=policy)
         scanned = nn.scan(
             layer,
             variable_axes={"params": 0, "lora": 0},
@@ -306,7 +332,8 @@ def decoder_hidden(
     if "lora" in params:  # LoRA adapters (jaxppo.lora) on the projections
         check_adapters(config, params["lora"], where="decoder_hidden: params['lora']")
         variables["lora"] = params["lora"]
-    hidden, kv = Decoder(config).apply(variables, tokens, positions, kv_mask, cache, cache_index)
+    decoder = Decoder(config, quantized=is_quantized(params))
+    hidden, kv = decoder.apply(variables, tokens, positions, kv_mask, cache, cache_index)
     return hidden.astype(jnp.float32), kv
 
 

@@ -32,6 +32,7 @@ def export_actor(ctx: RunContext, final_params: dict) -> dict:
     ``actor_adapter/`` on ``base_hf/`` and gets ``actor_hf/``'s model. Returns the paths written. A
     collective (the params are gathered): every process calls it; only process 0 writes."""
     from jaxppo.lora import merge
+    from jaxppo.quant import dequantize_params
     from jaxppo.weights.hf import save_pretrained
     from jaxppo.weights.peft import save_adapter
 
@@ -41,6 +42,7 @@ def export_actor(ctx: RunContext, final_params: dict) -> dict:
         return {}
     if "lora" not in host_params:
         return {"actor_hf": str(save_pretrained(run_dir / "actor_hf", c.model, host_params, tokenizer))}
+    host_params = dequantize_params(c.model, host_params)  # QLoRA: the float base the adapters were trained on
     base = {k: v for k, v in host_params.items() if k != "lora"}
     user_base = bool(c.pretrained) and c.sft.steps == 0 and Path(c.pretrained).is_dir()
     base_dir = Path(c.pretrained) if user_base else save_pretrained(run_dir / "base_hf", c.model, base, tokenizer)

@@ -7,6 +7,7 @@ import functools
 from jaxppo.lora import init_adapters, merge
 from jaxppo.models.heads import init_params
 from jaxppo.optim import check_updates_applied, create_train_state, make_optimizer
+from jaxppo.quant import quantize_params
 from jaxppo.pipeline.context import RunContext, fit, params_digest, save
 from jaxppo.sft import make_sft_step
 from jaxppo.sharding import init_sharded
@@ -16,10 +17,11 @@ def sft_stage(ctx: RunContext, base_params: dict | None) -> dict:
     """The SFT policy's params: ``sft.steps`` of masked NLL on the task's demonstrations, from
     ``base_params`` (pretrained) or a random init; the pretrained model itself when ``sft.steps == 0``.
     With ``lora.rank > 0`` only LoRA adapters on the frozen base train (and checkpoint), and the
-    result is the base with the adapters merged in."""
+    result is the base with the adapters merged in: the base of the later stages' roles, stored as
+    ``lora.quantize_base`` says (QLoRA: :func:`jaxppo.quant.quantize_params`)."""
     c = ctx.config
     if c.sft.steps == 0:
-        return base_params
+        return quantize_params(c.model, base_params, kind=c.lora.quantize_base)
     params = base_params
     if params is None:
         params = init_sharded(functools.partial(init_params, c.model), ctx.mesh, ctx.key("init"))
@@ -39,4 +41,5 @@ def sft_stage(ctx: RunContext, base_params: dict | None) -> dict:
         check_updates_applied(state, stage="sft", learning_rate_field="sft.learning_rate",
                               learning_rate=c.sft.learning_rate)
         save(ctx, "sft", c.sft.steps, {"state": state}, {"done": True, **(base_meta or {})})
-    return state.params if base is None else merge(model, {**base, **state.params})
+    policy = state.params if base is None else merge(model, {**base, **state.params})
+    return quantize_params(c.model, policy, kind=c.lora.quantize_base)
