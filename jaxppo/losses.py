@@ -630,3 +630,289 @@ def ranking_counts(mask: Array) -> dict[str, Array]:
     valid = jnp.asarray(mask) > 0
     return {"list_count": jnp.sum(jnp.sum(valid, axis=1) >= 2).astype(jnp.float32),
             "pair_count": jnp.sum(_ranked_pairs(valid)).astype(jnp.float32)}
+
+
+# --------------------------------------------------------------------------------------------
+# Direct preference optimisation: DPO, cDPO, IPO, SimPO, ORPO
+# --------------------------------------------------------------------------------------------
+#
+# Every loss takes per-sequence sums of response-token log-probs (``[B]``: the policy's, and the
+# reference's where the loss has one) of the chosen and the rejected response of B pairs, and the
+# response lengths (valid tokens, ``[B]``) where it normalises by length; lengths below 1 are taken
+# as 1. Each returns ``(loss, aux)`` with aux ``accuracy`` (fraction of pairs whose implicit reward
+# margin is > 0), ``margin`` (mean implicit reward margin), ``chosen_reward`` and
+# ``rejected_reward`` (means; margin = chosen_reward − rejected_reward); aux carry no gradient.
+# Means are over the B pairs, or Σ / ``pair_count`` (the minibatch's pair count, so that the
+# losses of micro-batches sum to the minibatch's, as in :func:`bradley_terry_loss`).
+
+
+def _check_pairs(fn: str, first: str, **arrays) -> jnp.dtype:
+    """Checks that ``arrays`` (``first`` among them) are all ``[B]`` with one B; returns the compute dtype."""
+    check_rank(fn, first, arrays[first], 1, "[B]")
+    check_same_shape(fn, first, arrays[first], **{k: v for k, v in arrays.items() if k != first})
+    return compute_dtype(*arrays.values())
+
+
+def _check_positive(fn: str, name: str, value) -> None:
+    if not (isinstance(value, jax.Array) or value > 0):
+        raise ValueError(f"{fn}: `{name}` must be > 0, got {value}")
+
+
+def _pair_mean(x: Array, pair_count: Array | float | None) -> Array:
+    """Σ_b x_b / B, or / ``pair_count`` when given (below 1 taken as 1)."""
+    return masked_mean(x, jnp.ones(x.shape, x.dtype), denominator=pair_count)
+
+
+def _preference_aux(chosen_reward: Array, rejected_reward: Array, pair_count) -> dict[str, Array]:
+    chosen_reward = jax.lax.stop_gradient(chosen_reward)
+    rejected_reward = jax.lax.stop_gradient(rejected_reward)
+    margin = chosen_reward - rejected_reward
+    return {
+        "accuracy": _pair_mean((margin > 0).astype(margin.dtype), pair_count),
+        "margin": _pair_mean(margin, pair_count),
+        "chosen_reward": _pair_mean(chosen_reward, pair_count),
+        "rejected_reward": _pair_mean(rejected_reward, pair_count),
+    }
+
+
+def _per_token(logprob_sum: Array, length: Array, dtype) -> Array:
+    """Length-averaged log-prob ``π / max(|y|, 1)``."""
+    return logprob_sum.astype(dtype) / jnp.maximum(jnp.asarray(length).astype(dtype), 1.0)
+
+
+def log1mexp(x: Array) -> Array:
+    r""":math:`\log(1 − e^{x})` for :math:`x < 0`, accurate everywhere (Mächler 2012): ``log(−expm1(x))``
+    for :math:`x > −\ln 2` and ``log1p(−exp(x))`` below. Each branch only ever sees its own range, so the
+    gradient :math:`−1/(e^{−x} − 1)` is finite for every :math:`x < 0` (in float32 too, e.g. x = −1e-8)."""
+    t = -0.6931471805599453  # -ln 2
+    near_zero = x > t
+    return jnp.where(near_zero, jnp.log(-jnp.expm1(jnp.where(near_zero, x, t))),
+                     jnp.log1p(-jnp.exp(jnp.where(near_zero, t, x))))
+
+
+def dpo_loss(
+    policy_chosen: Array,
+    policy_rejected: Array,
+    ref_chosen: Array,
+    ref_rejected: Array,
+    *,
+    beta: float,
+    label_smoothing: float = 0.0,
+    pair_count: Array | float | None = None,
+) -> tuple[Array, dict[str, Array]]:
+    r"""DPO (Rafailov et al. 2023, eq. 7) and conservative DPO (cDPO; Mitchell 2023).
+
+    .. math::
+        h_b = (π^c_b − π^{ref,c}_b) − (π^r_b − π^{ref,r}_b),\qquad
+        L = \frac{1}{B}\sum_b −(1−ε)\log σ(β h_b) − ε \log σ(−β h_b)
+
+    with :math:`π` the summed response log-probs and ε = ``label_smoothing`` the probability that a
+    pair's label is flipped (cDPO); ε = 0 is DPO exactly. The implicit rewards are
+    :math:`β(π − π^{ref})`, their margin :math:`βh`. The gradient in :math:`h` is
+    :math:`−β\,[(1−ε)σ(−βh) − εσ(βh)]`: at :math:`h = 0` it is :math:`−β(1−2ε)/2` per pair (−β/2 for DPO),
+    and it vanishes at :math:`βh = \log((1−ε)/ε)`, where cDPO stops pushing the margin up. This is
+    TRL's ``DPOTrainer`` ``loss_type="sigmoid"`` (TRL 1.16 applies ``label_smoothing`` only to its
+    "robust"/"exo_pair"/"aot" losses; cDPO's form is its ``CPOTrainer`` "sigmoid" loss applied to the
+    log-ratios).
+
+    Args:
+      policy_chosen, policy_rejected: ``[B]`` summed log π_θ of the chosen / rejected responses.
+      ref_chosen, ref_rejected: ``[B]`` summed log π_ref of the same responses (data: no gradient).
+      beta: β > 0, the strength of the KL regulariser.
+      label_smoothing: ε in [0, 0.5].
+      pair_count: optional minibatch pair count replacing B in every mean.
+
+    Returns:
+      ``(loss, aux)`` with ``accuracy`` (fraction of h > 0), ``margin`` (mean βh), ``chosen_reward``
+      and ``rejected_reward`` (means of β(π − π_ref)).
+    """
+    fn = "dpo_loss"
+    dtype = _check_pairs(fn, "policy_chosen", policy_chosen=policy_chosen, policy_rejected=policy_rejected,
+                         ref_chosen=ref_chosen, ref_rejected=ref_rejected)
+    _check_positive(fn, "beta", beta)
+    if not (isinstance(label_smoothing, jax.Array) or 0.0 <= label_smoothing <= 0.5):
+        raise ValueError(f"{fn}: `label_smoothing` must be in [0, 0.5], got {label_smoothing}")
+    chosen_logratio = policy_chosen.astype(dtype) - jax.lax.stop_gradient(ref_chosen.astype(dtype))
+    rejected_logratio = policy_rejected.astype(dtype) - jax.lax.stop_gradient(ref_rejected.astype(dtype))
+    logits = beta * (chosen_logratio - rejected_logratio)
+    per_pair = -(1.0 - label_smoothing) * jax.nn.log_sigmoid(logits) - label_smoothing * jax.nn.log_sigmoid(
+        -logits)
+    loss = _pair_mean(per_pair, pair_count)
+    return loss, _preference_aux(beta * chosen_logratio, beta * rejected_logratio, pair_count)
+
+
+def ipo_loss(
+    policy_chosen: Array,
+    policy_rejected: Array,
+    ref_chosen: Array,
+    ref_rejected: Array,
+    *,
+    tau: float,
+    len_chosen: Array | None = None,
+    len_rejected: Array | None = None,
+    pair_count: Array | float | None = None,
+) -> tuple[Array, dict[str, Array]]:
+    r"""IPO (Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human
+    Preferences", eq. 17): a squared loss that regresses the log-ratio margin onto :math:`1/(2τ)`.
+
+    .. math::
+        h_b = \frac{π^c_b − π^{ref,c}_b}{|y^c_b|} − \frac{π^r_b − π^{ref,r}_b}{|y^r_b|},\qquad
+        L = \frac{1}{B}\sum_b \Big(h_b − \frac{1}{2τ}\Big)^2
+
+    Length averaging: with ``len_chosen`` and ``len_rejected`` (both or neither) each log-ratio is
+    divided by its response length — the per-token average the IPO authors used for the paper's
+    results and TRL's ``DPOTrainer`` ``loss_type="ipo"`` (with ``beta`` = τ); without them
+    :math:`|y| = 1` and h is the margin of summed log-ratios (eq. 17 read literally, whose optimum
+    then scales with length). The loss is minimal (0, zero gradient) at :math:`h = 1/(2τ)`.
+
+    Args:
+      policy_chosen, policy_rejected: ``[B]`` summed log π_θ of the chosen / rejected responses.
+      ref_chosen, ref_rejected: ``[B]`` summed log π_ref of the same responses (data: no gradient).
+      tau: τ > 0, the regulariser (small τ: a large target margin).
+      len_chosen, len_rejected: optional ``[B]`` response lengths (valid tokens).
+      pair_count: optional minibatch pair count replacing B in every mean.
+
+    Returns:
+      ``(loss, aux)`` with ``accuracy`` (fraction of h > 0), ``margin`` (mean h), ``chosen_reward`` and
+      ``rejected_reward`` (means of the (length-averaged) log-ratios π − π_ref).
+    """
+    fn = "ipo_loss"
+    if (len_chosen is None) != (len_rejected is None):
+        raise ValueError(f"{fn}: pass both `len_chosen` and `len_rejected` or neither")
+    lengths = {} if len_chosen is None else {"len_chosen": len_chosen, "len_rejected": len_rejected}
+    dtype = _check_pairs(fn, "policy_chosen", policy_chosen=policy_chosen, policy_rejected=policy_rejected,
+                         ref_chosen=ref_chosen, ref_rejected=ref_rejected, **lengths)
+    _check_positive(fn, "tau", tau)
+    chosen_logratio = policy_chosen.astype(dtype) - jax.lax.stop_gradient(ref_chosen.astype(dtype))
+    rejected_logratio = policy_rejected.astype(dtype) - jax.lax.stop_gradient(ref_rejected.astype(dtype))
+    if lengths:
+        chosen_logratio = _per_token(chosen_logratio, len_chosen, dtype)
+        rejected_logratio = _per_token(rejected_logratio, len_rejected, dtype)
+    h = chosen_logratio - rejected_logratio
+    loss = _pair_mean(jnp.square(h - 1.0 / (2.0 * tau)), pair_count)
+    return loss, _preference_aux(chosen_logratio, rejected_logratio, pair_count)
+
+
+def simpo_loss(
+    policy_chosen: Array,
+    policy_rejected: Array,
+    len_chosen: Array,
+    len_rejected: Array,
+    *,
+    beta: float,
+    gamma: float,
+    pair_count: Array | float | None = None,
+) -> tuple[Array, dict[str, Array]]:
+    r"""SimPO (Meng et al. 2024, eq. 6): reference-free, length-normalised, with a target margin γ.
+
+    .. math::
+        L = \frac{1}{B}\sum_b −\log σ\Big(β\frac{π^c_b}{|y^c_b|} − β\frac{π^r_b}{|y^r_b|} − γ\Big)
+
+    The implicit reward is :math:`β π/|y|`. Conventions for γ: this ``gamma`` is the paper's γ, and
+    TRL's ``CPOTrainer(loss_type="simpo")`` ``simpo_gamma`` (it computes β(Δ − simpo_gamma/β)); the
+    SimPO authors' code takes ``gamma_beta_ratio`` = γ/β instead, so ``gamma = beta * gamma_beta_ratio``
+    (their β = 2.5, γ/β = 0.55 is ``gamma=1.375``). TRL's CPO adds a behaviour-cloning NLL term
+    unless ``cpo_alpha=0``; this is the preference term alone.
+
+    Args:
+      policy_chosen, policy_rejected: ``[B]`` summed log π_θ of the chosen / rejected responses.
+      len_chosen, len_rejected: ``[B]`` their lengths (valid tokens).
+      beta: β > 0; gamma: the target reward margin γ (≥ 0 in the paper).
+      pair_count: optional minibatch pair count replacing B in every mean.
+
+    Returns:
+      ``(loss, aux)`` with ``accuracy`` (fraction of pairs whose reward margin, without γ, is > 0),
+      ``margin`` (mean β(π_c/|y_c| − π_r/|y_r|)), ``chosen_reward`` and ``rejected_reward``.
+    """
+    fn = "simpo_loss"
+    dtype = _check_pairs(fn, "policy_chosen", policy_chosen=policy_chosen, policy_rejected=policy_rejected,
+                         len_chosen=len_chosen, len_rejected=len_rejected)
+    _check_positive(fn, "beta", beta)
+    chosen_reward = beta * _per_token(policy_chosen, len_chosen, dtype)
+    rejected_reward = beta * _per_token(policy_rejected, len_rejected, dtype)
+    loss = -_pair_mean(jax.nn.log_sigmoid(chosen_reward - rejected_reward - gamma), pair_count)
+    return loss, _preference_aux(chosen_reward, rejected_reward, pair_count)
+
+
+def orpo_loss(
+    policy_chosen: Array,
+    policy_rejected: Array,
+    len_chosen: Array,
+    len_rejected: Array,
+    nll_chosen: Array,
+    *,
+    lam: float,
+    pair_count: Array | float | None = None,
+) -> tuple[Array, dict[str, Array]]:
+    r"""ORPO (Hong et al. 2024, "ORPO: Monolithic Preference Optimization without Reference Model", eqs. 4–7).
+
+    .. math::
+        \log p = \frac{π}{|y|},\qquad \mathrm{odds} = \log p − \log(1 − p),\qquad
+        L = L_{NLL} − \frac{λ}{B}\sum_b \log σ(\mathrm{odds}^c_b − \mathrm{odds}^r_b)
+
+    :math:`p` is the geometric-mean token probability of a response and :math:`\log(1 − p)` is
+    computed by :func:`log1mexp`, so the gradient stays finite as p → 1. ``nll_chosen`` is the SFT
+    term :math:`L_{NLL}` on the chosen responses, either
+
+    * ``[B]``: each chosen response's mean token NLL, averaged over pairs (Σ / ``pair_count``), or
+    * a scalar, added as it is: e.g. TRL's token mean over the batch's chosen tokens,
+      :func:`sft_loss` (pass it the minibatch's ``token_count`` for a micro-batch, so the parts sum).
+
+    With a scalar ``nll_chosen`` and λ = TRL's ``beta`` this is TRL's ``ORPOTrainer`` loss.
+
+    Args:
+      policy_chosen, policy_rejected: ``[B]`` summed log π_θ of the chosen / rejected responses
+        (``< 0``: p = 1 has infinite odds).
+      len_chosen, len_rejected: ``[B]`` their lengths (valid tokens).
+      nll_chosen: ``[B]`` or scalar NLL of the chosen responses (differentiable), see above.
+      lam: λ ≥ 0, the weight of the odds-ratio term (the paper's 0.1 … 1; TRL's ``beta``).
+      pair_count: optional minibatch pair count replacing B in every mean.
+
+    Returns:
+      ``(loss, aux)`` with ``accuracy`` (fraction of odds_c > odds_r), ``margin`` (mean log odds
+      ratio odds_c − odds_r), ``chosen_reward`` / ``rejected_reward`` (mean log odds) and ``nll``.
+    """
+    fn = "orpo_loss"
+    dtype = _check_pairs(fn, "policy_chosen", policy_chosen=policy_chosen, policy_rejected=policy_rejected,
+                         len_chosen=len_chosen, len_rejected=len_rejected)
+    if jnp.ndim(nll_chosen) != 0:
+        check_shape(fn, "nll_chosen", nll_chosen, jnp.shape(policy_chosen), "[B] or a scalar")
+    if not (isinstance(lam, jax.Array) or lam >= 0):
+        raise ValueError(f"{fn}: `lam` must be >= 0, got {lam}")
+    dtype = jnp.promote_types(dtype, compute_dtype(nll_chosen))
+
+    def log_odds(logprob_sum, length):
+        log_p = _per_token(logprob_sum, length, dtype)
+        return log_p - log1mexp(log_p)
+
+    chosen_odds = log_odds(policy_chosen, len_chosen)
+    rejected_odds = log_odds(policy_rejected, len_rejected)
+    nll_chosen = jnp.asarray(nll_chosen).astype(dtype)
+    nll = nll_chosen if nll_chosen.ndim == 0 else _pair_mean(nll_chosen, pair_count)
+    loss = nll - lam * _pair_mean(jax.nn.log_sigmoid(chosen_odds - rejected_odds), pair_count)
+    aux = _preference_aux(chosen_odds, rejected_odds, pair_count)
+    aux["nll"] = jax.lax.stop_gradient(nll)
+    return loss, aux
+
+
+class PreferenceLoss(NamedTuple):
+    """An entry of :data:`PREFERENCE_LOSSES`: ``fn(**{name: batch[name] for name in inputs},
+    pair_count=..., **{h: config.h for h in hyperparameters}) -> (loss, aux)``. ``inputs`` names the
+    ``[B]`` arrays (or scalar ``nll_chosen``) it takes, all passed by keyword."""
+
+    fn: Callable[..., tuple[Array, dict[str, Array]]]
+    inputs: tuple[str, ...]
+    hyperparameters: tuple[str, ...]
+
+
+_WITH_REF = ("policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected")
+_LENGTHS = ("len_chosen", "len_rejected")
+
+# Name -> preference loss; a new one is a pure function (+ its test) and a row here.
+PREFERENCE_LOSSES: dict[str, PreferenceLoss] = {
+    "dpo": PreferenceLoss(dpo_loss, _WITH_REF, ("beta",)),
+    "cdpo": PreferenceLoss(dpo_loss, _WITH_REF, ("beta", "label_smoothing")),
+    "ipo": PreferenceLoss(ipo_loss, _WITH_REF + _LENGTHS, ("tau",)),  # length-averaged, as TRL's
+    "simpo": PreferenceLoss(simpo_loss, ("policy_chosen", "policy_rejected") + _LENGTHS, ("beta", "gamma")),
+    "orpo": PreferenceLoss(orpo_loss, ("policy_chosen", "policy_rejected") + _LENGTHS + ("nll_chosen",), ("lam",)),
+}

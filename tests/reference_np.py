@@ -639,3 +639,93 @@ def keep_informative_first_ref(scores, group_size, groups):
     for g in (informative + rest)[:groups]:
         rows.extend(range(g * n, g * n + n))
     return np.asarray(rows, dtype=np.int64)
+
+
+# ----------------------------------------------------------------------------
+# 13. direct preference optimisation (DPO / cDPO / IPO / SimPO / ORPO)
+# ----------------------------------------------------------------------------
+
+
+def _pair_aux(chosen_rewards, rejected_rewards):
+    """accuracy / margin / chosen_reward / rejected_reward means over pairs, by a loop."""
+    n = len(chosen_rewards)
+    correct = 0
+    margin = 0.0
+    for c, r in zip(chosen_rewards, rejected_rewards):
+        margin += c - r
+        if c - r > 0:
+            correct += 1
+    return {"accuracy": correct / n, "margin": margin / n,
+            "chosen_reward": sum(chosen_rewards) / n, "rejected_reward": sum(rejected_rewards) / n}
+
+
+def dpo_ref(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, label_smoothing=0.0):
+    """Mean over pairs of -(1-eps) log sigmoid(beta h) - eps log sigmoid(-beta h),
+    h = (pi_c - ref_c) - (pi_r - ref_r); rewards beta (pi - ref)."""
+    pc, pr, rc, rr = (_f64(x).reshape(-1) for x in (policy_chosen, policy_rejected, ref_chosen, ref_rejected))
+    n = pc.shape[0]
+    total = 0.0
+    chosen_rewards, rejected_rewards = [], []
+    for b in range(n):
+        h = (pc[b] - rc[b]) - (pr[b] - rr[b])
+        total += (1.0 - label_smoothing) * _softplus_neg(beta * h) + label_smoothing * _softplus_neg(-beta * h)
+        chosen_rewards.append(beta * (pc[b] - rc[b]))
+        rejected_rewards.append(beta * (pr[b] - rr[b]))
+    return total / n, _pair_aux(chosen_rewards, rejected_rewards)
+
+
+def ipo_ref(policy_chosen, policy_rejected, ref_chosen, ref_rejected, tau, len_chosen=None, len_rejected=None):
+    """Mean over pairs of (h - 1/(2 tau))^2 with h the margin of (length-averaged when lengths are given)
+    log-ratios; rewards are those log-ratios."""
+    pc, pr, rc, rr = (_f64(x).reshape(-1) for x in (policy_chosen, policy_rejected, ref_chosen, ref_rejected))
+    n = pc.shape[0]
+    lc = [1.0] * n if len_chosen is None else [max(float(x), 1.0) for x in _f64(len_chosen).reshape(-1)]
+    lr = [1.0] * n if len_rejected is None else [max(float(x), 1.0) for x in _f64(len_rejected).reshape(-1)]
+    total = 0.0
+    chosen_rewards, rejected_rewards = [], []
+    for b in range(n):
+        c = (pc[b] - rc[b]) / lc[b]
+        r = (pr[b] - rr[b]) / lr[b]
+        total += (c - r - 1.0 / (2.0 * tau)) ** 2
+        chosen_rewards.append(c)
+        rejected_rewards.append(r)
+    return total / n, _pair_aux(chosen_rewards, rejected_rewards)
+
+
+def simpo_ref(policy_chosen, policy_rejected, len_chosen, len_rejected, beta, gamma):
+    """Mean over pairs of -log sigmoid(beta pi_c/|y_c| - beta pi_r/|y_r| - gamma); rewards beta pi/|y|."""
+    pc, pr, lc, lr = (_f64(x).reshape(-1) for x in (policy_chosen, policy_rejected, len_chosen, len_rejected))
+    n = pc.shape[0]
+    total = 0.0
+    chosen_rewards, rejected_rewards = [], []
+    for b in range(n):
+        c = beta * pc[b] / max(lc[b], 1.0)
+        r = beta * pr[b] / max(lr[b], 1.0)
+        total += _softplus_neg(c - r - gamma)
+        chosen_rewards.append(c)
+        rejected_rewards.append(r)
+    return total / n, _pair_aux(chosen_rewards, rejected_rewards)
+
+
+def orpo_ref(policy_chosen, policy_rejected, len_chosen, len_rejected, nll_chosen, lam):
+    """nll - lam * mean log sigmoid(odds_c - odds_r), odds = log p - log(1 - p), log p = pi/|y|;
+    nll is the scalar itself or the mean of a [B] array; rewards are the log odds."""
+    pc, pr, lc, lr = (_f64(x).reshape(-1) for x in (policy_chosen, policy_rejected, len_chosen, len_rejected))
+    n = pc.shape[0]
+    nll_arr = _f64(nll_chosen)
+    nll = float(nll_arr) if nll_arr.ndim == 0 else sum(float(x) for x in nll_arr) / n
+
+    def log_odds(logp):
+        return logp - math.log(-math.expm1(logp))  # log(1 - e^x) = log(-(e^x - 1))
+
+    total = 0.0
+    chosen_rewards, rejected_rewards = [], []
+    for b in range(n):
+        c = log_odds(pc[b] / max(lc[b], 1.0))
+        r = log_odds(pr[b] / max(lr[b], 1.0))
+        total += _softplus_neg(c - r)
+        chosen_rewards.append(c)
+        rejected_rewards.append(r)
+    aux = _pair_aux(chosen_rewards, rejected_rewards)
+    aux["nll"] = nll
+    return nll + lam * total / n, aux
