@@ -74,6 +74,7 @@ bench: $(STAMP) $(BENCH_STAMP) $(BENCH_GRPO_STAMP) $(BENCH_TUNIX_STAMP)
 	$(BIN)/python -m experiments.bench_grpo --trl-python $(BENCH_GRPO_VENV)/bin/python --out bench_grpo.json $(GRPO_ARGS)
 	$(BIN)/python -m experiments.bench_rollout --out bench_rollout.json
 	$(BIN)/python -m experiments.profile_rollout --out profile_rollout.json
+	$(BIN)/python -m experiments.bench_memory --out bench_memory.json
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) $(BENCH_GRPO_VENV) $(BENCH_TUNIX_VENV) *.egg-info .pytest_cache
