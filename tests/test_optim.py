@@ -100,7 +100,10 @@ def assert_same_objective(loss_fn, params, batch, denominators_fn, *, old_behavi
         np.testing.assert_allclose(loss_k, loss, rtol=1e-5, err_msg=f"loss, {k} micro-batches")
         assert set(aux_k) == set(aux)
         for name in aux:
-            np.testing.assert_allclose(aux_k[name], aux[name], rtol=1e-5, atol=1e-7, err_msg=f"{name}, {k}")
+            # a clip fraction counts tokens past a threshold: float rounding of a ratio right at it may move
+            # one token across (seen on another host), so fractions agree to one token of the minibatch
+            atol = 1.0 / float(denominators["tokens"]) + 1e-7 if name.endswith("fraction") and "tokens" in denominators else 1e-7
+            np.testing.assert_allclose(aux_k[name], aux[name], rtol=1e-5, atol=atol, err_msg=f"{name}, {k}")
         scale = max(float(np.max(np.abs(g))) for g in jax.tree.leaves(grads))  # atol for exact zeros (PL's bias)
         for path, g1 in jax.tree_util.tree_leaves_with_path(grads):
             gk = np.asarray(dict(jax.tree_util.tree_leaves_with_path(grads_k))[path])

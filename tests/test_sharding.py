@@ -170,10 +170,14 @@ def test_ppo_iteration_matches_one_device(one_device, layout):
     np.testing.assert_array_equal(np.asarray(traj.response), ref_traj.response)  # the same samples
     for name in ref_metrics:
         np.testing.assert_allclose(np.asarray(metrics[name]), ref_metrics[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    # Adam divides each gradient by its own magnitude: where a gradient is ~0, float32 summation-order noise
+    # moves that element's step by a fraction of the learning rate (0.12 % of it seen on one host), so the
+    # params agree to 1e-5 of their scale plus 1 % of one step
     for got, want in ((actor.params, ref_actor.params), (critic.params, ref_critic.params)):
         for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
             scale = np.max(np.abs(b)) + 1e-12
-            assert np.max(np.abs(np.asarray(a) - b)) <= 1e-5 * scale, jax.tree_util.keystr(path)
+            assert np.max(np.abs(np.asarray(a) - b)) <= 1e-5 * scale + 0.01 * PPO.learning_rate, \
+                jax.tree_util.keystr(path)
     # the donated states come back in the layout of the rules table
     q = actor.params["layers"]["attn"]["qkv_proj"]["kernel"]
     assert q.sharding.spec == spec_for("layers/attn/qkv_proj/kernel", q.shape, mesh)
