@@ -70,11 +70,22 @@ def test_one_rules_table_for_params_and_optimizer_states():
     assert spec_for("embed/embedding", (22, 32), make_mesh(MeshConfig(data=1, fsdp=2, tensor=4))) == P(None, "fsdp")
 
 
+def assert_sharded_forward_is_the_one_device_forward(config, params, mesh):
+    from jaxppo.models import decoder_hidden
+
+    tokens = jax.random.randint(jax.random.key(2), (4, 6), 0, config.vocab_size)
+    mask = np.ones((4, 6), np.int32)
+    forward = jax.jit(lambda p, t, m: decoder_hidden(config, p, t, m)[0])
+    one = forward(params, tokens, mask)
+    with jax.set_mesh(mesh):
+        sharded = forward(shard_tree(params, mesh), tokens, mask)
+    np.testing.assert_allclose(sharded, one, atol=1e-5)
+
+
 def test_lora_adapters_are_laid_out_like_their_kernels_and_give_the_one_device_forward():
     """A follows its kernel's input split, B its output split (the rank is never split); the adapted
     forward pass sharded over fsdp × tensor equals the one-device one."""
     from jaxppo.lora import init_adapters, scaling
-    from jaxppo.models import decoder_hidden
 
     config = dataclasses.replace(MODEL, lora_scale=scaling(rank=4, alpha=8.0))
     mesh = make_mesh(LAYOUTS["fsdp_x_tensor"])
@@ -87,13 +98,7 @@ def test_lora_adapters_are_laid_out_like_their_kernels_and_give_the_one_device_f
     assert specs["attn"]["o_a"] == P(None, "tensor") and specs["attn"]["o_b"] == P(None, None, "fsdp")
     assert specs["mlp"]["gate_a"] == P(None, "fsdp") and specs["mlp"]["up_b"] == P(None, None, None, "tensor")
     assert specs["mlp"]["down_a"] == P(None, "tensor") and specs["mlp"]["down_b"] == P(None, None, "fsdp")
-    tokens = jax.random.randint(jax.random.key(2), (4, 6), 0, config.vocab_size)
-    mask = np.ones((4, 6), np.int32)
-    forward = jax.jit(lambda p, t, m: decoder_hidden(config, p, t, m)[0])
-    one = forward(params, tokens, mask)
-    with jax.set_mesh(mesh):
-        sharded = forward(shard_tree(params, mesh), tokens, mask)
-    np.testing.assert_allclose(sharded, one, atol=1e-5)
+    assert_sharded_forward_is_the_one_device_forward(config, params, mesh)
 
 
 @pytest.mark.parametrize("kind", ["int8", "nf4"])
@@ -101,7 +106,6 @@ def test_a_quantized_base_is_laid_out_like_its_kernels_and_gives_the_one_device_
     """QLoRA's codes follow their kernel's layout (NF4's halved input axis too), the scales its output
     split; the forward pass of base + adapters sharded over fsdp × tensor equals the one-device one."""
     from jaxppo.lora import init_adapters, scaling
-    from jaxppo.models import decoder_hidden
     from jaxppo.quant import quantize_params
 
     config = dataclasses.replace(MODEL, lora_scale=scaling(rank=4, alpha=8.0))
@@ -113,13 +117,7 @@ def test_a_quantized_base_is_laid_out_like_its_kernels_and_gives_the_one_device_
     assert specs["attn"]["qkv_proj"]["kernel_scale"] == P(None, None, "tensor")
     assert specs["mlp"]["down_proj"][f"kernel_{kind}"] == P(None, "tensor", "fsdp")
     assert specs["mlp"]["down_proj"]["kernel_scale"] == P(None, None, "fsdp")
-    tokens = jax.random.randint(jax.random.key(2), (4, 6), 0, config.vocab_size)
-    mask = np.ones((4, 6), np.int32)
-    forward = jax.jit(lambda p, t, m: decoder_hidden(config, p, t, m)[0])
-    one = forward(params, tokens, mask)
-    with jax.set_mesh(mesh):
-        sharded = forward(shard_tree(params, mesh), tokens, mask)
-    np.testing.assert_allclose(sharded, one, atol=1e-5)
+    assert_sharded_forward_is_the_one_device_forward(config, params, mesh)
 
 
 def test_fsdp_keeps_an_eighth_of_the_parameters_per_device():

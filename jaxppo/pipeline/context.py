@@ -170,6 +170,15 @@ def params_digest(params: dict) -> str:
     return digest.hexdigest()
 
 
+def base_meta(ctx: RunContext, base: dict | None) -> dict:
+    """What a LoRA stage's checkpoints record of the frozen base: ``{"base": {"pretrained", "digest"}}``;
+    ``{}`` without a base or without checkpoints (then nothing is saved or checked, so no digest is
+    computed)."""
+    if base is None or not ctx.checkpoints:
+        return {}
+    return {"base": {"pretrained": ctx.config.pretrained, "digest": params_digest(base)}}
+
+
 def check_base(meta: dict, expected: dict, *, stage: str) -> None:
     """A restored LoRA checkpoint (``meta``) must have been trained on the base this run rebuilt
     (``expected``: ``{"base": {"pretrained", "digest"}}`` or ``{}`` without LoRA); InputError otherwise."""
@@ -189,18 +198,19 @@ def save(ctx: RunContext, stage: str, step: int, items: dict, meta: dict | None 
 
 
 def fit(ctx: RunContext, stage: str, state, step_fn, batch_at, steps: int, outputs: dict | None = None,
-        base_meta: dict | None = None):
+        recorded: dict | None = None):
     """``steps`` of ``state, metrics = step_fn(state, batch_at(i))`` with logs and periodic checkpoints.
 
     Returns ``(state, done_items, meta)``: when the stage's checkpoint says it is done, the saved
     outputs and meta instead of training again (``outputs`` are restore targets for those).
-    Metrics reach the host once per logged step. ``base_meta`` (LoRA: the frozen base's pointer and
-    digest) goes into every checkpoint's meta, and a restored one must match it (:func:`check_base`).
+    Metrics reach the host once per logged step. ``recorded`` (LoRA: :func:`base_meta` of the frozen
+    base) goes into every checkpoint's meta, and a restored one must match it (:func:`check_base`).
     """
     every = ctx.config.checkpoint.every_steps
+    recorded = recorded or {}
     targets = {"state": state, **(outputs or {})} if is_done(ctx, stage) else {"state": state}
     start, items, meta = resume(ctx, stage, targets)
-    check_base(meta, base_meta or {}, stage=stage)
+    check_base(meta, recorded, stage=stage)
     if items is not None:
         state = items["state"]
         if meta.get("done"):
@@ -211,7 +221,7 @@ def fit(ctx: RunContext, stage: str, state, step_fn, batch_at, steps: int, outpu
         if i % STEP_LOG_EVERY == 0 or i == steps - 1:
             bar.set_postfix(ctx.logger.log(stage, i, jax.device_get(metrics)))
         if (i + 1) % every == 0 and i + 1 < steps:
-            save(ctx, stage, i + 1, {"state": state}, base_meta)
+            save(ctx, stage, i + 1, {"state": state}, recorded)
     return state, None, {}
 
 

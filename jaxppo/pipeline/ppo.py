@@ -22,7 +22,7 @@ import numpy as np
 
 from jaxppo.lora import compose
 from jaxppo.optim import check_updates_applied, skipped_updates
-from jaxppo.pipeline.context import RunContext, check_base, params_digest, resume, save
+from jaxppo.pipeline.context import RunContext, base_meta, check_base, resume, save
 from jaxppo.pipeline.reward import RewardModel, refresh_reward_model
 from jaxppo.ppo import frozen_params, init_ppo, make_iteration
 from jaxppo.rewards import make_score_fn
@@ -95,7 +95,7 @@ def ppo_stage(ctx: RunContext, sft_params: dict, reward: RewardModel | None) -> 
     state, frozen = init_ppo(c.model, ppo, ctx.mesh, sft_params=sft_params,
                              reward_params=None if reward is None else reward.params, key=ctx.key("value-head"),
                              lora_rank=c.lora.rank, lora_targets=c.lora.targets)
-    base_meta = {} if frozen.base is None else {"base": {"pretrained": c.pretrained, "digest": params_digest(frozen.base)}}
+    recorded = base_meta(ctx, frozen.base)
 
     def checkpoint_items(state, frozen, reward):
         return {"actor": state.actor, "critic": state.critic, "kl": state.kl,
@@ -104,7 +104,7 @@ def ppo_stage(ctx: RunContext, sft_params: dict, reward: RewardModel | None) -> 
 
     start, items, meta = resume(ctx, "ppo", {**checkpoint_items(state, frozen, reward),
                                              **({"rm_data": ...} if online else {})})
-    check_base(meta, base_meta, stage="ppo")
+    check_base(meta, recorded, stage="ppo")
     if items is not None:
         state = state.replace(actor=items["actor"], critic=items.get("critic"), kl=items["kl"])
         if refresh:
@@ -165,6 +165,6 @@ def ppo_stage(ctx: RunContext, sft_params: dict, reward: RewardModel | None) -> 
                 check_updates_applied(getattr(state, role), stage=f"ppo ({role})", learning_rate_field=field,
                                       learning_rate=lr)
         if it % c.checkpoint.every_iterations == 0 or done:
-            save(ctx, "ppo", it, checkpoint_items(state, frozen, reward), {"done": done, **base_meta})
+            save(ctx, "ppo", it, checkpoint_items(state, frozen, reward), {"done": done, **recorded})
     bar.close()
     return compose(frozen.base, {k: v for k, v in state.actor.params.items() if k != "value_head"}), reward

@@ -16,7 +16,7 @@ from jaxppo.lora import ROLE_KEYS, compose, init_adapters
 from jaxppo.models.config import ModelConfig
 from jaxppo.models.heads import init_params, init_scalar_head
 from jaxppo.optim import check_updates_applied, create_train_state, make_optimizer, skipped_updates
-from jaxppo.pipeline.context import RunContext, fit, is_done, params_digest, sample, save, score
+from jaxppo.pipeline.context import RunContext, base_meta, fit, is_done, sample, save, score
 from jaxppo.pipeline_config import RewardModelConfig
 from jaxppo.ppo import frozen_params
 from jaxppo.reward_model import (
@@ -204,18 +204,19 @@ def reward_model_stage(ctx: RunContext, sft_params: dict) -> RewardModel:
     fns = reward_fns(c.model, rm)
     train, held_out, labels = preferences.split(preference_data(ctx, sft_params), eval_fraction=rm.eval_fraction,
                                                 batch_size=rm.batch_size)
-    base_meta = {} if base is None else {"base": {"pretrained": c.pretrained, "digest": params_digest(base)}}
+    recorded = base_meta(ctx, base)
     if is_done(ctx, "reward_model"):  # resumed: online refreshes still need the normalisation samples
-        state, done, meta = fit(ctx, "reward_model", state, None, None, rm.steps, {"output": params}, base_meta)
+        state, done, meta = fit(ctx, "reward_model", state, None, None, rm.steps, {"output": params}, recorded)
         norm_samples = _norm_samples(ctx, sft_params) if rm.online_every else None
         return RewardModel(compose(base, done["output"]), state, train, meta["result"], norm_samples)
     norm_samples = _norm_samples(ctx, sft_params)
     n_train = train["prompt"].shape[0]
     if rm.train_trunk:
         batch_at = _batches(ctx, "rm-batches", n_train)
-        step = fns.step if base is None else functools.partial(_step_on, fns.step, base)
-        state, _, _ = fit(ctx, "reward_model", state, step, lambda i: preferences.rows(train, batch_at(i)),
-                          rm.steps, base_meta=base_meta)
+        # without a base, the step as refresh_reward_model calls it (one trace: jit tells keywords apart)
+        step = fns.step if base is None else functools.partial(fns.step, base=base)
+        state, _, _ = fit(ctx, "reward_model", state, step,
+                          lambda i: preferences.rows(train, batch_at(i)), rm.steps, recorded=recorded)
         check_updates_applied(state, **_stage_lr(rm))
     else:
         state = _fit_probe(ctx, state, train, base)
@@ -227,13 +228,8 @@ def reward_model_stage(ctx: RunContext, sft_params: dict) -> RewardModel:
     params = normalized(ctx, state.params, norm_samples, base)
     ctx.logger.log("reward_model_eval", rm.steps, result)
     save(ctx, "reward_model", rm.steps, {"state": state, "output": params},
-         {"done": True, "result": result, **base_meta})
+         {"done": True, "result": result, **recorded})
     return RewardModel(compose(base, params), state, train, result, norm_samples)
-
-
-def _step_on(step, base, state, batch):
-    """A reward-model step of the LoRA roles' params on the frozen ``base``."""
-    return step(state, batch, base)
 
 
 def refresh_reward_model(ctx: RunContext, it: int, policy_params: dict, reward: RewardModel) -> RewardModel:

@@ -8,7 +8,7 @@ from jaxppo.lora import init_adapters, merge
 from jaxppo.models.heads import init_params
 from jaxppo.optim import check_updates_applied, create_train_state, make_optimizer
 from jaxppo.quant import quantize_params
-from jaxppo.pipeline.context import RunContext, fit, params_digest, save
+from jaxppo.pipeline.context import RunContext, base_meta, fit, save
 from jaxppo.sft import make_sft_step
 from jaxppo.sharding import init_sharded
 
@@ -26,20 +26,20 @@ def sft_stage(ctx: RunContext, base_params: dict | None) -> dict:
     if params is None:
         params = init_sharded(functools.partial(init_params, c.model), ctx.mesh, ctx.key("init"))
     tx = make_optimizer(learning_rate=c.sft.learning_rate, warmup_steps=c.sft.warmup_steps)
-    model, base, base_meta = c.model, None, None  # c.model has lora.scale as lora_scale (PipelineConfig.resolved)
+    model, base, recorded = c.model, None, {}  # c.model has lora.scale as lora_scale (PipelineConfig.resolved)
     if c.lora.rank:  # train adapters on the frozen base (only they have optimizer state), merge them at the end
         base = params
-        base_meta = {"base": {"pretrained": c.pretrained, "digest": params_digest(base)}}
+        recorded = base_meta(ctx, base)
         params = init_sharded(lambda key: {"lora": init_adapters(model, key, rank=c.lora.rank, targets=c.lora.targets)},
                               ctx.mesh, ctx.key("lora_init"))
     state = init_sharded(lambda p: create_train_state(p, tx), ctx.mesh, params)
     sft_step = make_sft_step(model, micro_batches=c.sft.micro_batches)
-    step = sft_step if base is None else lambda state, batch: sft_step(state, batch, base)
+    step = sft_step if base is None else functools.partial(sft_step, base=base)
     state, done, _ = fit(ctx, "sft", state, step, lambda i: ctx.task.demonstrations("sft", i, c.sft.batch_size),
-                         c.sft.steps, base_meta=base_meta)
+                         c.sft.steps, recorded=recorded)
     if done is None:
         check_updates_applied(state, stage="sft", learning_rate_field="sft.learning_rate",
                               learning_rate=c.sft.learning_rate)
-        save(ctx, "sft", c.sft.steps, {"state": state}, {"done": True, **(base_meta or {})})
+        save(ctx, "sft", c.sft.steps, {"state": state}, {"done": True, **recorded})
     policy = state.params if base is None else merge(model, {**base, **state.params})
     return quantize_params(c.model, policy, kind=c.lora.quantize_base)
