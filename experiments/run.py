@@ -19,20 +19,24 @@ from jaxppo.tabular_ppo import TabularPPOConfig, train
 
 
 def run_pipeline(config, run_dir: str | Path) -> dict:
-    """SFT → reward model → PPO in ``run_dir`` (resumed when it holds checkpoints of the same config);
-    returns ``summary.json``'s content. Every process of a multi-process run calls it."""
-    from jaxppo.pipeline import evaluate, open_run, ppo_stage, reward_model_stage, sft_stage, write_summary
+    """SFT → reward model → PPO (``method="rl"``) or SFT → DPO (``method="dpo"``) in ``run_dir`` (resumed
+    when it holds checkpoints of the same config); returns ``summary.json``'s content. Every process of a
+    multi-process run calls it."""
+    from jaxppo.pipeline import dpo_stage, evaluate, open_run, ppo_stage, reward_model_stage, sft_stage, write_summary
 
     start = time.perf_counter()
     with open_run(config, run_dir) as (ctx, pretrained):
         sft_params = sft_stage(ctx, pretrained)
-        # reward functions (a verifier) replace the learned reward model: then none is trained
-        reward = None if config.reward_functions else reward_model_stage(ctx, sft_params)
+        # RL without reward functions (a verifier replaces it), or online DPO labelled by a reward model
+        reward = reward_model_stage(ctx, sft_params) if config.trains_reward_model else None
         sft_eval = evaluate(ctx, sft_params, reward and reward.params, samples_file="samples_sft.json")
-        final_params, final_reward = ppo_stage(ctx, sft_params, reward)
+        if config.method == "dpo":
+            final_params, final_reward = dpo_stage(ctx, sft_params, reward), reward
+        else:
+            final_params, final_reward = ppo_stage(ctx, sft_params, reward)
         # proxy: the final reward model (every version is normalised on the same SFT samples)
         final_eval = evaluate(ctx, final_params, final_reward and final_reward.params, i=1,
-                              samples_file="samples_final.json")
+                              samples_file="samples_final.json", reference=sft_params)
         return write_summary(ctx, sft_eval=sft_eval, final_eval=final_eval, reward_result=reward and reward.result,
                              final_params=final_params, start_time=start)
 
@@ -67,9 +71,12 @@ def _main(config, args) -> None:
     run_dir = Path(args.run_dir or f"runs/{Path(args.config).stem}-{stamp}")
     main_process = jax.process_index() == 0
     if main_process:
-        reward = "reward functions " + "+".join(config.reward_functions) if config.reward_functions else "reward model"
-        rl = "PPO" if config.ppo.estimator == "gae" else config.ppo.estimator.upper()
-        print(f"jaxppo: SFT -> {reward} -> {rl} ({args.config}) on {jax.process_count()} process(es), "
+        if config.method == "dpo":
+            stages = f"{config.dpo.loss.upper()}" + (" (online)" if config.dpo.online_every else "")
+        else:
+            reward = "reward functions " + "+".join(config.reward_functions) if config.reward_functions else "reward model"
+            stages = f"{reward} -> " + ("PPO" if config.ppo.estimator == "gae" else config.ppo.estimator.upper())
+        print(f"jaxppo: SFT -> {stages} ({args.config}) on {jax.process_count()} process(es), "
               f"{jax.device_count()} device(s); writing {run_dir}")
     summary = run_pipeline(config, run_dir)
     if not main_process:
@@ -78,7 +85,8 @@ def _main(config, args) -> None:
     print(f"gold reward: SFT {summary['sft_gold_reward']:.3f} -> {summary['estimator']} "
           f"{summary['final_gold_reward']:.3f} (best possible {summary['optimal_gold_reward']:.3f}; "
           f"{summary['gap_closed']:.0%} of the gap closed)")
-    print(f"metrics: {run_dir / 'metrics.jsonl'}   plots: {run_dir}/{{ppo,sft,reward_model}}.png   "
+    stage = "dpo" if config.method == "dpo" else "ppo,reward_model"
+    print(f"metrics: {run_dir / 'metrics.jsonl'}   plots: {run_dir}/{{{stage},sft}}.png   "
           f"tensorboard: {run_dir / 'tensorboard'}   samples: {run_dir}/samples_{{sft,final}}.json   "
           f"summary: {run_dir / 'summary.json'}")
 

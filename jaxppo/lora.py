@@ -5,8 +5,10 @@ A targeted projection ``y = x W`` becomes
 .. math::  y = x W + s \\, (x A) B, \\qquad A ∈ ℝ^{d_{in} × r},\\; B ∈ ℝ^{r × d_{out}},\\; s = α / r
 
 (``s = α / \\sqrt{r}`` with rsLoRA, Kalajdzievski 2023). ``B = 0`` at initialisation, so the adapted
-model starts as the base model exactly; ``A`` and ``B`` are what a LoRA run trains (the optimizer
-wiring for the pipeline's stages is not there yet: here the adapters are a model-level feature).
+model starts as the base model exactly; ``A`` and ``B`` are what a LoRA run trains (only they and
+the scalar heads have optimizer state). LoRA dropout (PEFT's ``lora_dropout``) drops entries of the
+adapter's input ``x`` in training steps that pass per-row keys (:func:`fused_delta`); the base path
+``x W`` never sees it.
 
 **One adapter per Hugging Face projection.** jaxppo fuses Q/K/V and gate/up into one matmul each
 (:mod:`jaxppo.models.llama`); the adapters stay per projection, as PEFT has them (``q``, ``k``,
@@ -141,17 +143,48 @@ def check_adapters(config: ModelConfig, lora: dict, *, where: str = "lora") -> i
     return rank
 
 
-def fused_delta(x: Array, adapters: dict, parts: Sequence[tuple[str, int]], *, scale: float) -> Array | None:
+def row_dropout(x: Array, keys: Array, *, rate: float) -> Array:
+    """Inverted dropout of ``x`` ``[B, ...]``: each entry zeroed with probability ``rate``, the others
+    scaled by ``1 / (1 − rate)`` (so ``E[out] = x``); row ``b``'s mask is drawn from its own key
+    ``keys[b]`` (``[B, 2]`` raw uint32), so it does not depend on the other rows of the batch (a
+    micro-batch of a batch draws the masks the whole batch would)."""
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"row_dropout: `rate` must be in [0, 1), got {rate}")
+    if keys.shape != (x.shape[0], 2):
+        raise ValueError(f"row_dropout: `keys` must have shape [{x.shape[0]}, 2] (one raw key per row), "
+                         f"got {keys.shape}")
+    keep = jax.vmap(lambda key: jax.random.bernoulli(key, 1.0 - rate, x.shape[1:]))(keys)
+    return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
+
+
+def step_dropout_keys(key: Array, step: Array | int, rows: int) -> Array:
+    """LoRA dropout's per-row keys ``[rows, 2]`` (raw uint32) of training step ``step``:
+    ``split(fold_in(key, step), rows)``. A function of the stage's key and the train state's step, so a
+    resumed run draws the masks an uninterrupted one would; row ``b`` of a micro-batch keeps its key."""
+    keys = jax.random.split(jax.random.fold_in(key, step), rows)
+    return jax.random.key_data(keys) if jnp.issubdtype(keys.dtype, jax.dtypes.prng_key) else keys
+
+
+def fused_delta(x: Array, adapters: dict, parts: Sequence[tuple[str, int]], *, scale: float,
+                dropout_keys: Array | None = None, dropout: float = 0.0) -> Array | None:
     """``s · (x A_p) B_p`` of each part ``p`` (name, width), concatenated along the output's
     second-to-last axis (zeros for a part without adapters); one part: no concatenation. ``x``
-    ``[..., d_in]``. None when no part has adapters."""
+    ``[B, ..., d_in]``. None when no part has adapters.
+
+    LoRA dropout (as PEFT's ``lora_dropout``: on the adapter's input only, the base path untouched):
+    with ``dropout_keys`` ``[B, 2]`` and ``dropout > 0`` each part reads :func:`row_dropout` of ``x``
+    with its own mask, from row ``b``'s key folded with the part's index in :data:`TARGETS`."""
     present = [name for name, _ in parts if f"{name}_a" in adapters]
     if not present:
         return None
     with jax.named_scope("lora"):  # a name for profiles (experiments/profile_rollout.py)
         deltas = {}
         for name in present:
-            xa = jnp.einsum("...d,dr->...r", x, adapters[f"{name}_a"].astype(x.dtype))
+            x_in = x
+            if dropout_keys is not None and dropout > 0:
+                target_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(dropout_keys, TARGETS.index(name))
+                x_in = row_dropout(x, target_keys, rate=dropout)
+            xa = jnp.einsum("...d,dr->...r", x_in, adapters[f"{name}_a"].astype(x.dtype))
             deltas[name] = jnp.tensordot(xa, adapters[f"{name}_b"].astype(x.dtype), axes=1)
         if len(parts) == 1:
             return scale * deltas[parts[0][0]]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from jaxppo.config import MAX_LEARNING_RATE, require, require_finite, require_range
-from jaxppo.losses import OBJECTIVES
+from jaxppo.losses import OBJECTIVES, PREFERENCE_LOSSES
 from jaxppo.models.config import ModelConfig
 from jaxppo.ppo_config import PPOConfig
 from jaxppo.rng import NUM_SEEDS
@@ -43,14 +43,17 @@ class LoraConfig:
     SFT trains adapters on the pretrained (or initial) model and merges them at its end: the SFT
     policy is the base of the later stages. The reward model is that base + its adapters + its head;
     in PPO the actor is base + adapters, a separate critic base + its adapters + value head, and the
-    reference is the base without adapters. Only adapters and heads have optimizer state and
+    reference is the base without adapters (in DPO too: the policy is base + adapters). Only adapters and heads have optimizer state and
     checkpoints; the base exists once in memory (optionally quantised: ``quantize_base``)."""
 
     rank: int = 0  # r of every adapter; 0: off (full fine-tuning)
     alpha: float = 16.0  # the output scale is α / r (α / √r with rslora)
     targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")  # projections with adapters
     rslora: bool = False  # rank-stabilised scale α / √r
-    # the frozen base of the reward-model and PPO stages stored as "none" (the model's dtype), "int8" (per channel)
+    # dropout on the adapters' inputs (PEFT's lora_dropout) in SFT, reward-model and DPO training steps; never in
+    # RL, whose ratio π_θ / π_old needs a deterministic policy, nor in evaluation and sampling
+    dropout: float = 0.0
+    # the frozen base of the reward-model, PPO and DPO stages stored as "none" (the model's dtype), "int8" (per channel)
     # or "nf4" (QLoRA), dequantised layer by layer in the forward pass (jaxppo.quant)
     quantize_base: str = "none"
 
@@ -65,6 +68,9 @@ class LoraConfig:
                 f"{self.quantize_base!r} not in {QUANTIZE_BASE}")
         require(self.quantize_base == "none" or self.rank > 0, "lora.quantize_base",
                 "a quantised base is frozen: it needs LoRA adapters to train (lora.rank > 0)")
+        require(0.0 <= self.dropout < 1.0, "lora.dropout", f"must be in [0, 1), got {self.dropout}")
+        require(self.dropout == 0.0 or self.rank > 0, "lora.dropout", "drops the adapters' inputs: it needs "
+                "LoRA adapters (lora.rank > 0)")
 
     @property
     def scale(self) -> float:
@@ -113,6 +119,61 @@ class RewardModelConfig:
         require(self.online_every >= 0, "reward_model.online_every", f"must be >= 0, got {self.online_every}")
 
 
+METHODS = ("rl", "dpo")  # after SFT: a reward model and RL (PPO or a critic-free estimator), or the DPO family
+ONLINE_LABELS = ("gold", "reward_model")
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOConfig:
+    """The DPO family (``method="dpo"``): the SFT policy trained directly on preference pairs, the SFT policy
+    as the frozen reference (with LoRA: the base without adapters).
+
+    The pairs are the reward model's preference data (``reward_model.num_prompts``, ``eval_fraction`` and
+    ``drop_ties``: the same labelled samples of the SFT policy an RL run's reward model trains on, or the
+    task's preferences file). Online DPO (Guo et al. 2024): every ``online_every`` steps, two responses of
+    the current policy to each of ``online_prompts`` fresh prompts are labelled (by the hidden gold reward
+    with the task's Bradley–Terry noise, an *oracle* setting, or by a reward model trained on the offline
+    pairs) and the following steps train on those new pairs."""
+
+    loss: str = "dpo"  # one of jaxppo.losses.PREFERENCE_LOSSES: dpo, cdpo, ipo, simpo, orpo
+    beta: float = 0.1  # DPO/cDPO: β of the implicit reward β log π/π_ref; SimPO: β of the length-normalised reward
+    label_smoothing: float = 0.1  # cDPO: ε, the probability that a label is flipped, in [0, 0.5] (0: DPO)
+    tau: float = 0.1  # IPO: τ, the target margin is 1/(2τ) (length-averaged log-ratios)
+    gamma: float = 0.5  # SimPO: the target reward margin γ
+    lam: float = 0.1  # ORPO: λ, the weight of the odds-ratio term beside the chosen responses' NLL
+    steps: int = 300  # optimizer steps
+    batch_size: int = 64  # pairs per step
+    learning_rate: float = 1e-4  # AdamW peak learning rate, in (0, 1]
+    warmup_steps: int = 10  # linear warm-up from 0; 0: none
+    micro_batches: int = 1  # gradient accumulation: batch_size / micro_batches pairs per forward pass
+    online_every: int = 0  # online DPO: steps between labelled batches of the current policy's samples; 0: off
+    online_prompts: int = 512  # prompts (pairs) sampled and labelled per online round
+    online_label: str = "gold"  # who labels online pairs: "gold" (the hidden gold reward: oracle) or "reward_model"
+
+    def __post_init__(self):
+        require(self.loss in PREFERENCE_LOSSES, "dpo.loss", f"{self.loss!r} not in {tuple(PREFERENCE_LOSSES)}")
+        for name in ("beta", "tau"):
+            require_range(getattr(self, name), f"dpo.{name}", gt=0)
+        require_range(self.label_smoothing, "dpo.label_smoothing", ge=0, le=0.5)
+        require_range(self.lam, "dpo.lam", ge=0)
+        require_range(self.learning_rate, "dpo.learning_rate", gt=0, le=MAX_LEARNING_RATE)
+        require_range(self.warmup_steps, "dpo.warmup_steps", ge=0)
+        for name in ("steps", "batch_size", "micro_batches", "online_prompts"):
+            require(getattr(self, name) >= 1, f"dpo.{name}", f"must be >= 1, got {getattr(self, name)}")
+        require(self.batch_size % self.micro_batches == 0, "dpo.micro_batches",
+                f"batch_size={self.batch_size} must be divisible by micro_batches={self.micro_batches}")
+        require(self.online_every >= 0, "dpo.online_every", f"must be >= 0, got {self.online_every}")
+        require(self.online_label in ONLINE_LABELS, "dpo.online_label", f"{self.online_label!r} not in {ONLINE_LABELS}")
+        require(not self.online_every or self.online_prompts >= self.batch_size, "dpo.online_prompts",
+                f"an online round's pairs fill the batches of its steps: needs >= batch_size={self.batch_size}, "
+                f"got {self.online_prompts}")
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the loss reads the reference's log-probs (SimPO and ORPO are reference-free)."""
+        return "ref_chosen" in PREFERENCE_LOSSES[self.loss].inputs
+
+
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
     """Orbax checkpoints under ``run_dir/checkpoints``; re-running with the same ``--run-dir`` resumes."""
@@ -139,6 +200,10 @@ class PipelineConfig:
     lora: LoraConfig = LoraConfig()  # LoRA adapters on one frozen base for every trained role (rank 0: off)
     reward_model: RewardModelConfig = RewardModelConfig()
     ppo: PPOConfig = PPOConfig()
+    # after SFT: "rl" (a reward model, then PPO or a critic-free estimator) or "dpo" (the DPO family on the
+    # preference pairs: `dpo`; no reward model unless online DPO labels with one)
+    method: str = "rl"
+    dpo: DPOConfig = DPOConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     mesh: MeshConfig = MeshConfig(data=-1, fsdp=1, tensor=1)  # device mesh: data × fsdp × tensor (-1: the rest)
     pretrained: str = ""  # HF directory, .gguf file or "smollm2"; "" = random init
@@ -155,10 +220,22 @@ class PipelineConfig:
 
     def __post_init__(self):
         require_finite(self)  # every float of every section, the task's included
+        require(self.method in METHODS, "method", f"{self.method!r} not in {METHODS}")
+        text = isinstance(self.task, TextTaskConfig)
+        if self.method == "dpo":
+            require(not self.reward_functions, "reward_functions", "DPO learns from preference pairs; reward "
+                    "functions are for method='rl' (set it to ())")
+            require(self.reward_model.objective == "bradley_terry", "reward_model.objective",
+                    "DPO trains on pairs: the preference data must be 'bradley_terry' pairs")
+            require(self.reward_model.online_every == 0, "reward_model.online_every",
+                    "refreshes the reward model between PPO iterations; with DPO use dpo.online_every")
+            require(not (self.dpo.online_every and self.dpo.online_label == "gold" and text
+                         and (self.task.preferences or self.task.rankings)), "dpo.online_label",
+                    "'gold' labels online pairs with the task's gold reward; with a preferences file there is "
+                    "none (use 'reward_model')")
         require_range(self.seed, "seed", ge=0, lt=NUM_SEEDS)  # seed + 2**32 would give seed's keys
         # Bradley–Terry labels P(a ≻ b) = σ(β (gold_a − gold_b)): β < 0 prefers the worse response (0: coin flips)
         require_range(self.task.preference_beta, "task.preference_beta", ge=0)
-        text = isinstance(self.task, TextTaskConfig)
         for name in self.reward_functions:
             require(name in self.task.reward_function_names, "reward_functions",
                     f"{name!r} is not a reward function of the task; it has {self.task.reward_function_names}")
@@ -171,11 +248,9 @@ class PipelineConfig:
                     "'reward_model' initialises the critic from the reward model; with reward functions there is "
                     "none (use 'sft')")
         if self.lora.rank:  # every role sits on the one frozen base (the SFT policy)
-            require(self.reward_model.init == "sft" or bool(self.reward_functions), "reward_model.init",
+            require(self.reward_model.init == "sft" or not self.trains_reward_model, "reward_model.init",
                     "with LoRA the reward model is adapters + a head on the SFT model (init='sft'); "
                     "a scratch trunk would be a second base")
-            require(self.reward_model.online_every == 0, "reward_model.online_every",
-                    "online reward-model refreshes with LoRA are not supported yet (set it to 0 or lora.rank=0)")
             require(self.ppo.frozen_dtype is None, "ppo.frozen_dtype",
                     "with LoRA the frozen roles share the trained roles' base; shrink it with "
                     "lora.quantize_base instead")
@@ -209,6 +284,13 @@ class PipelineConfig:
                 "PPO-ptx mixes in an SFT loss on demonstrations; the task has none (set task.demonstrations "
                 "or ppo.ptx_coef=0)")
 
+    @property
+    def trains_reward_model(self) -> bool:
+        """Whether the run trains a reward model: RL without reward functions, or online DPO labelled by one."""
+        if self.method == "dpo":
+            return self.dpo.online_every > 0 and self.dpo.online_label == "reward_model"
+        return not self.reward_functions
+
     def resolved(self, *, stop_token_ids: tuple[int, ...], pad_token_id: int) -> PipelineConfig:
         """The config as it runs, resolved once before a run starts and saved so: the task's stop and
         pad tokens in ``ppo`` when ``ppo.stop_token_ids`` is empty (a response ends at the task's EOS,
@@ -218,5 +300,7 @@ class PipelineConfig:
                                   whiten_advantages=self.ppo.whiten, reference_model=self.ppo.builds_reference)
         if not ppo.stop_token_ids:
             ppo = dataclasses.replace(ppo, stop_token_ids=tuple(stop_token_ids), pad_token_id=int(pad_token_id))
-        model = dataclasses.replace(self.model, lora_scale=self.lora.scale) if self.lora.rank else self.model
+        model = self.model
+        if self.lora.rank:
+            model = dataclasses.replace(model, lora_scale=self.lora.scale, lora_dropout=self.lora.dropout)
         return dataclasses.replace(self, ppo=ppo, model=model)

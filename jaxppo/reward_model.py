@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from flax.training.train_state import TrainState
 
-from jaxppo.lora import compose
+from jaxppo.lora import compose, step_dropout_keys
 from jaxppo.losses import OBJECTIVES, bradley_terry_loss, plackett_luce_loss, ranking_counts
 from jaxppo.models.config import ModelConfig
 from jaxppo.optim import accumulate_gradients, skipped_updates
@@ -34,24 +34,39 @@ from jaxppo.sharding import constrain_tree
 
 
 
+def item_dropout_keys(batch: dict, items: int, *, item_major: bool) -> jax.Array | None:
+    """LoRA dropout's keys of the ``items`` responses of each row: row ``b``'s key (``batch["dropout_keys"]``,
+    a training step's) folded with the item's index; item-major (``[K·B, 2]``) or row-major (``[B·K, 2]``)
+    as the responses are stacked. None without keys (evaluation: no dropout)."""
+    keys = batch.get("dropout_keys")
+    if keys is None:
+        return None
+    per_item = jax.vmap(lambda i: jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, i))(jnp.arange(items))
+    return (per_item if item_major else per_item.swapaxes(0, 1)).reshape(-1, keys.shape[-1])
+
+
 def pair_features(config: ModelConfig, params: dict, batch: dict, *, pooling: str = "last") -> tuple[jax.Array, jax.Array]:
-    """Pooled features ``[B, D]`` of the chosen and the rejected responses, both in one forward pass."""
+    """Pooled features ``[B, D]`` of the chosen and the rejected responses, both in one forward pass
+    (with LoRA dropout when the batch carries a training step's ``dropout_keys``)."""
     b = batch["prompt"].shape[0]
     prompt = jnp.concatenate([batch["prompt"]] * 2)
     prompt_mask = jnp.concatenate([batch["prompt_mask"]] * 2)
     responses = jnp.concatenate([batch["chosen"], batch["rejected"]])
     masks = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]])
-    features = response_features(config, params, prompt, prompt_mask, responses, masks, pooling=pooling)
+    features = response_features(config, params, prompt, prompt_mask, responses, masks, pooling=pooling,
+                                 dropout_keys=item_dropout_keys(batch, 2, item_major=True))
     return features[:b], features[b:]
 
 
 def list_features(config: ModelConfig, params: dict, batch: dict, *, pooling: str = "last") -> jax.Array:
-    """Pooled features ``[B, K, D]`` of ranked lists of responses, all K in one forward pass."""
+    """Pooled features ``[B, K, D]`` of ranked lists of responses, all K in one forward pass (LoRA
+    dropout as in :func:`pair_features`)."""
     b, k, n = batch["responses"].shape
     prompt = jnp.repeat(batch["prompt"], k, axis=0)
     prompt_mask = jnp.repeat(batch["prompt_mask"], k, axis=0)
     features = response_features(config, params, prompt, prompt_mask, batch["responses"].reshape(b * k, n),
-                                 batch["response_mask"].reshape(b * k, n), pooling=pooling)
+                                 batch["response_mask"].reshape(b * k, n), pooling=pooling,
+                                 dropout_keys=item_dropout_keys(batch, k, item_major=False))
     return features.reshape(b, k, -1)
 
 
@@ -112,19 +127,24 @@ def head_only(loss_fn, head: str = "reward_head"):
 
 def make_reward_step(config: ModelConfig, *, objective: str = "bradley_terry", use_margin: bool = False,
                      micro_batches: int = 1, train_trunk: bool = True, pooling: str = "last"):
-    """Jitted ``step(state, batch, base=None) -> (state, metrics)`` (loss, accuracy, grad norm); state donated.
+    """Jitted ``step(state, batch, base=None, dropout_key=None) -> (state, metrics)`` (loss, accuracy,
+    grad norm); state donated.
 
     ``train_trunk=False`` trains the scalar head alone (:func:`head_only`); ``pooling`` as in
     :func:`jaxppo.sequences.response_scores`. With ``base`` (LoRA: frozen weights, not donated) the
     state's params are the reward model's own (adapters and head) and the model is
-    :func:`jaxppo.lora.compose` of the two.
+    :func:`jaxppo.lora.compose` of the two. ``dropout_key``: LoRA dropout as in
+    :func:`jaxppo.sft.make_sft_step` (each response of a row its own masks).
     """
     loss_fn = _loss_fn(config, objective, use_margin, pooling)
     if not train_trunk:
         loss_fn = head_only(loss_fn)
 
     @functools.partial(jax.jit, donate_argnums=0)
-    def step(state: TrainState, batch: dict, base: dict | None = None):
+    def step(state: TrainState, batch: dict, base: dict | None = None, dropout_key: jax.Array | None = None):
+        if dropout_key is not None and config.lora_dropout > 0:
+            batch = {**batch, "dropout_keys": step_dropout_keys(dropout_key, state.step, batch["prompt"].shape[0])}
+
         def role_loss(params, *args):
             return loss_fn(compose(base, params), *args)
 

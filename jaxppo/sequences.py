@@ -30,11 +30,13 @@ def concat(prompt: Array, prompt_mask: Array, response: Array, response_mask: Ar
 
 
 def response_hidden(
-    config: ModelConfig, params: dict, prompt: Array, prompt_mask: Array, response: Array, response_mask: Array
+    config: ModelConfig, params: dict, prompt: Array, prompt_mask: Array, response: Array, response_mask: Array,
+    *, dropout_keys: Array | None = None,
 ) -> tuple[Array, Array]:
-    """Hidden states of the states before each response token ``[B, N, D]`` and of all positions."""
+    """Hidden states of the states before each response token ``[B, N, D]`` and of all positions.
+    ``dropout_keys`` ``[B, 2]``: LoRA dropout's per-row keys (:func:`jaxppo.models.llama.decoder_hidden`)."""
     tokens, mask = concat(prompt, prompt_mask, response, response_mask)
-    hidden, _ = decoder_hidden(config, params, tokens, mask)
+    hidden, _ = decoder_hidden(config, params, tokens, mask, dropout_keys=dropout_keys)
     p = prompt.shape[1]
     return hidden[:, p - 1 : p - 1 + response.shape[1]], hidden
 
@@ -50,14 +52,17 @@ def response_logprobs(
     temperature: float = 1.0,
     value_head: str | None = None,
     with_entropy: bool = False,
+    dropout_keys: Array | None = None,
 ):
     """log π(response_t | prefix) ``[B, N]`` at ``temperature``; optionally values and entropy.
 
     With ``value_head`` (a shared-trunk actor-critic) also returns that head's values ``[B, N]``
     from the same forward pass; with ``with_entropy`` also the per-token entropy ``[B, N]``.
-    Returns a tuple ``(logprobs, values or None, entropy or None)``.
+    Returns a tuple ``(logprobs, values or None, entropy or None)``. ``dropout_keys``: as in
+    :func:`response_hidden` (SFT and DPO steps; never RL, whose ratio needs a deterministic policy).
     """
-    hidden, _ = response_hidden(config, params, prompt, prompt_mask, response, response_mask)
+    hidden, _ = response_hidden(config, params, prompt, prompt_mask, response, response_mask,
+                                dropout_keys=dropout_keys)
     out = chosen_logprobs(config, params, hidden, response.astype(jnp.int32), temperature=temperature,
                           with_entropy=with_entropy)
     logprobs, ent = out if with_entropy else (out, None)
@@ -79,17 +84,18 @@ POOLINGS = ("last", "mean")
 
 def response_features(
     config: ModelConfig, params: dict, prompt: Array, prompt_mask: Array, response: Array, response_mask: Array,
-    *, pooling: str = "last",
+    *, pooling: str = "last", dropout_keys: Array | None = None,
 ) -> Array:
     """The pooled final hidden state ``[B, D]`` (float32) that a linear reward head reads.
 
     ``pooling="last"``: the state at the sequence's last real token (InstructGPT). ``"mean"``: the
     mean of the states at the response's own tokens, ``mean_t h_t`` (zeros for an empty response).
+    ``dropout_keys``: as in :func:`response_hidden` (reward-model training steps).
     """
     if pooling not in POOLINGS:
         raise ValueError(f"response_features: `pooling`={pooling!r} is not one of {POOLINGS}")
     tokens, mask = concat(prompt, prompt_mask, response, response_mask)
-    hidden, _ = decoder_hidden(config, params, tokens, mask)
+    hidden, _ = decoder_hidden(config, params, tokens, mask, dropout_keys=dropout_keys)
     hidden = hidden.astype(jnp.float32)
     if pooling == "last":
         last = jnp.maximum(last_valid_index(mask), 0)  # an empty sequence (never in practice) reads position 0

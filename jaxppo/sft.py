@@ -18,6 +18,7 @@ import jax
 import optax
 from flax.training.train_state import TrainState
 
+from jaxppo.lora import step_dropout_keys
 from jaxppo.losses import sft_loss
 from jaxppo.masking import valid_count
 from jaxppo.models.config import ModelConfig
@@ -39,23 +40,30 @@ def sft_nll(config: ModelConfig, params: dict, batch: dict, denominators: dict |
 
     ``denominators`` (:func:`sft_denominators` of the whole batch when ``batch`` is a micro-batch of
     it); None: this batch's own. With ``base`` (frozen params) ``params`` are LoRA adapters
-    ``{"lora": …}`` and the model is ``{**base, **params}``.
+    ``{"lora": …}`` and the model is ``{**base, **params}``. A batch with ``dropout_keys`` ``[B, 2]``
+    trains with LoRA dropout (:func:`jaxppo.lora.step_dropout_keys`).
     """
     params = params if base is None else {**base, **params}
-    logprobs, _, _ = response_logprobs(config, params, *(batch[k] for k in SFT_KEYS))
+    logprobs, _, _ = response_logprobs(config, params, *(batch[k] for k in SFT_KEYS),
+                                       dropout_keys=batch.get("dropout_keys"))
     tokens = None if denominators is None else denominators["tokens"]
     nll = sft_loss(logprobs, batch["response_mask"], token_count=tokens)
     return nll, {"nll": nll}
 
 
 def make_sft_step(config: ModelConfig, *, micro_batches: int = 1):
-    """Jitted ``step(state, batch, base=None) -> (state, metrics)``; the state is donated. With
-    ``base`` (frozen params, not donated) the state's params are LoRA adapters ``{"lora": …}``
-    (:mod:`jaxppo.lora`; ``config.lora_scale`` set): the loss is the model ``{**base, **params}``'s and
-    only the adapters train (their optimizer state is all there is)."""
+    """Jitted ``step(state, batch, base=None, dropout_key=None) -> (state, metrics)``; the state is
+    donated. With ``base`` (frozen params, not donated) the state's params are LoRA adapters
+    ``{"lora": …}`` (:mod:`jaxppo.lora`; ``config.lora_scale`` set): the loss is the model
+    ``{**base, **params}``'s and only the adapters train (their optimizer state is all there is).
+    With ``dropout_key`` and ``config.lora_dropout > 0`` the adapters' inputs are dropped out, row
+    ``b``'s masks drawn from :func:`jaxppo.lora.step_dropout_keys` of the key and the state's step
+    (so micro-batching does not change them)."""
 
     @functools.partial(jax.jit, donate_argnums=0)
-    def step(state: TrainState, batch: dict, base: dict | None = None):
+    def step(state: TrainState, batch: dict, base: dict | None = None, dropout_key: jax.Array | None = None):
+        if dropout_key is not None and config.lora_dropout > 0:
+            batch = {**batch, "dropout_keys": step_dropout_keys(dropout_key, state.step, batch["prompt"].shape[0])}
         loss, _, grads = accumulate_gradients(functools.partial(sft_nll, config, base=base), state.params, batch,
                                               sft_denominators(batch), micro_batches=micro_batches)
         state = constrain_tree(state.apply_gradients(grads=grads))

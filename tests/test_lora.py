@@ -385,3 +385,75 @@ def test_lora_sft_interrupted_and_resumed_equals_the_uninterrupted_run(tmp_path,
     jax.tree.map(np.testing.assert_array_equal, got, expected)
     rows = [r for r in read_metrics_of(tmp_path / "interrupted") if r["stage"] == "sft"]
     assert [r["step"] for r in rows][-1] == 19
+
+
+# ------------------------------------------------------------------------------------------ LoRA dropout
+
+
+DROPOUT = 0.3
+DROPOUT_CONFIG = dataclasses.replace(CONFIG, lora_dropout=DROPOUT)
+
+
+def test_row_dropout_keeps_at_one_minus_its_rate_and_is_unbiased():
+    """Inverted dropout: a fraction ``rate`` of entries is zeroed, the rest are ``x / (1 − rate)``; the
+    LoRA delta averaged over many rows' masks is the delta without dropout (E[mask] = 1 − rate)."""
+    from jaxppo.lora import fused_delta, row_dropout, step_dropout_keys
+
+    rows, d, r, out = 4096, 8, 4, 6
+    x = jnp.broadcast_to(jnp.arange(1.0, d + 1.0), (rows, 1, d))  # every row the same input
+    keys = step_dropout_keys(jax.random.key(0), 3, rows)
+    dropped = np.asarray(row_dropout(x, keys, rate=DROPOUT))
+    zero = dropped == 0
+    # Binomial(32768, 0.3): standard deviation 0.0025; 5 standard deviations
+    assert abs(zero.mean() - DROPOUT) < 0.0127, zero.mean()
+    np.testing.assert_allclose(dropped[~zero], np.asarray(x / (1 - DROPOUT))[~zero], rtol=1e-6)
+    adapters = {"o_a": jax.random.normal(jax.random.key(1), (d, r)), "o_b": jax.random.normal(jax.random.key(2), (r, out))}
+    plain = np.asarray(fused_delta(x, adapters, (("o", 1),), scale=2.0), np.float64)
+    noisy = np.asarray(fused_delta(x, adapters, (("o", 1),), scale=2.0, dropout_keys=keys, dropout=DROPOUT), np.float64)
+    assert not np.allclose(noisy[0], plain[0])
+    standard_error = noisy.std(axis=0) / np.sqrt(rows)
+    assert np.all(np.abs(noisy.mean(axis=0) - plain[0]) < 5 * standard_error + 1e-6)
+    with pytest.raises(ValueError, match="one raw key per row"):
+        row_dropout(x, keys[:10], rate=DROPOUT)
+
+
+def test_each_projection_draws_its_own_mask():
+    """As PEFT (one ``lora_dropout`` module per adapted projection): gate and up with identical adapters
+    give identical deltas without dropout and different ones with it."""
+    from jaxppo.lora import fused_delta, step_dropout_keys
+
+    x = jax.random.normal(jax.random.key(0), (3, 5, 8))
+    a, b = jax.random.normal(jax.random.key(1), (8, 4)), jax.random.normal(jax.random.key(2), (4, 1, 6))
+    adapters = {"gate_a": a, "gate_b": b, "up_a": a, "up_b": b}
+    parts = (("gate", 1), ("up", 1))
+    plain = fused_delta(x, adapters, parts, scale=1.0)
+    np.testing.assert_array_equal(plain[..., 0, :], plain[..., 1, :])
+    noisy = fused_delta(x, adapters, parts, scale=1.0, dropout_keys=step_dropout_keys(jax.random.key(3), 0, 3),
+                        dropout=DROPOUT)
+    assert not np.allclose(noisy[..., 0, :], noisy[..., 1, :])
+
+
+def test_dropout_is_on_the_adapter_path_only_and_only_with_keys(params):
+    """With keys and ``lora_dropout > 0`` the adapted model changes; without keys (evaluation, sampling,
+    RL) it is the model without dropout bit for bit, and so is a rate of 0 with keys; with ``B = 0`` the
+    base path alone is left, so dropout changes nothing (PEFT drops the adapter's input, never ``x W``)."""
+    from jaxppo.lora import step_dropout_keys
+
+    tokens, mask = tokens_and_mask(batch=4)
+    keys = step_dropout_keys(jax.random.key(0), 0, 4)
+    fresh = init_adapters(CONFIG, jax.random.key(1), rank=RANK)
+    lora = trained(fresh, jax.random.key(2))
+    hidden = lambda config, adapters, **kw: np.asarray(decoder_hidden(config, {**params, "lora": adapters}, tokens,  # noqa: E731
+                                                                      mask, **kw)[0])
+    plain = hidden(CONFIG, lora)
+    np.testing.assert_array_equal(hidden(DROPOUT_CONFIG, lora), plain)
+    np.testing.assert_array_equal(hidden(CONFIG, lora, dropout_keys=keys), plain)
+    noisy = hidden(DROPOUT_CONFIG, lora, dropout_keys=keys)
+    valid = np.asarray(mask, bool)
+    assert np.abs(noisy - plain)[valid].max() > 1e-2
+    np.testing.assert_array_equal(hidden(DROPOUT_CONFIG, fresh, dropout_keys=keys), hidden(CONFIG, fresh))
+    # a row's masks come from its own key: the same rows in a smaller batch give the same states
+    np.testing.assert_allclose(noisy[1:3], np.asarray(decoder_hidden(
+        DROPOUT_CONFIG, {**params, "lora": lora}, tokens[1:3], mask[1:3], dropout_keys=keys[1:3])[0]), atol=1e-5)
+    with pytest.raises(ValueError, match="dropout_keys"):
+        decoder_hidden(DROPOUT_CONFIG, {**params, "lora": lora}, tokens, mask, dropout_keys=keys[:2])

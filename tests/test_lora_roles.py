@@ -170,14 +170,16 @@ def test_lora_needs_its_scale_and_a_full_precision_base():
 
 
 def lora_run_config(**checkpoint):
-    """A short SFT → reward model → PPO run of the tiny task with LoRA (rank 4) on every role: the critic
-    starts from the reward model's adapters and head."""
+    """A short SFT → reward model → PPO run of the tiny task with LoRA (rank 4, dropout 0.1 in the SFT and
+    reward-model steps) on every role: the critic starts from the reward model's adapters and head, and the
+    reward model is refreshed online before PPO iteration 2."""
     from jaxppo.pipeline_config import CheckpointConfig, LoraConfig
     from tiny import tiny_config
 
-    config = tiny_config(num_prompts=256, steps=40, learning_rate=3e-2)
+    config = tiny_config(num_prompts=256, steps=40, learning_rate=3e-2, online_every=2, online_prompts=64,
+                         online_steps=5)
     return dataclasses.replace(
-        config, lora=LoraConfig(rank=RANK, alpha=8.0), sft=dataclasses.replace(config.sft, steps=30, learning_rate=3e-2),
+        config, lora=LoraConfig(rank=RANK, alpha=8.0, dropout=0.1), sft=dataclasses.replace(config.sft, steps=30, learning_rate=3e-2),
         ppo=dataclasses.replace(config.ppo, critic_init="reward_model", learning_rate=1e-2),
         checkpoint=CheckpointConfig(enabled=bool(checkpoint), **checkpoint), num_samples=0, eval_batch_size=64)
 
@@ -188,9 +190,11 @@ def test_a_lora_run_exports_for_peft_and_resumes_bit_for_bit_on_its_base(tmp_pat
     * The run writes ``actor_hf/`` (merged), ``actor_adapter/`` (PEFT) and ``base_hf/`` (the SFT
       policy): ``peft`` puts the adapter on ``base_hf`` and gets ``actor_hf``'s logits (≤ 1e-4), and
       the adapter changed the model. The reward model's adapters and head learned (its loss fell).
+    * The reward model is refreshed online on the same base (new pairs of the actor's samples).
     * Checkpoints hold adapters and heads only, with the base's digest: a run stopped in PPO after
-      iteration 3 (checkpoints every 2) and re-run resumes at iteration 2 and ends with the
-      uninterrupted run's metrics and adapter bit for bit; a checkpoint whose recorded base differs
+      iteration 3 (checkpoints every 2) and re-run resumes at iteration 2, refreshes the reward model
+      again, and ends with the uninterrupted run's metrics (SFT and reward model with LoRA dropout, the
+      refresh's) and adapter bit for bit; a checkpoint whose recorded base differs
       from the one the run rebuilt stops the resume with an error naming both digests.
     """
     import torch
@@ -199,6 +203,7 @@ def test_a_lora_run_exports_for_peft_and_resumes_bit_for_bit_on_its_base(tmp_pat
 
     import jaxppo.pipeline.ppo as ppo_module
     from experiments.run import run_pipeline
+    from jaxppo.checkpoint import _tree_metadata
     from jaxppo.errors import InputError
     from jaxppo.logging import read_metrics
     from safetensors.numpy import load_file
@@ -221,6 +226,8 @@ def test_a_lora_run_exports_for_peft_and_resumes_bit_for_bit_on_its_base(tmp_pat
     rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["stage"] == "reward_model"]
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.05, rows
     assert set(saved_params(run_dir / "checkpoints" / "reward_model" / "40" / "state")) == {"lora", "reward_head"}
+    [online] = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["stage"] == "reward_model_online"]
+    assert online["step"] == 2 and 0 < online["new_pairs"] <= 64 and online["num_train"] > online["new_pairs"]
 
     class Stop(Exception):
         pass
@@ -240,6 +247,9 @@ def test_a_lora_run_exports_for_peft_and_resumes_bit_for_bit_on_its_base(tmp_pat
     ppo_dir = tmp_path / "interrupted" / "checkpoints" / "ppo"
     assert set(saved_params(ppo_dir / "2" / "actor")) == {"lora"}
     assert set(saved_params(ppo_dir / "2" / "critic")) == {"lora", "value_head"}
+    # the online reward model checkpoints its adapters and head (trained and normalised), not the base
+    assert set(saved_params(ppo_dir / "2" / "rm_state")) == {"lora", "reward_head"}
+    assert set(_tree_metadata(ppo_dir / "2" / "rm_params").tree) == {"lora", "reward_head"}
     monkeypatch.setattr(ppo_module, "iteration_prompts", original)
     run_pipeline(config, tmp_path / "interrupted")
     assert read_metrics(tmp_path / "interrupted" / "metrics.jsonl") == read_metrics(tmp_path / "straight" / "metrics.jsonl")
@@ -281,16 +291,17 @@ def test_lora_config_errors_name_the_field():
     lora = LoraConfig(rank=4)
     cases = {
         "reward_model.init": dict(reward_model=dataclasses.replace(config.reward_model, init="scratch")),
-        "reward_model.online_every": dict(reward_model=dataclasses.replace(config.reward_model, online_every=2)),
         "ppo.frozen_dtype": dict(ppo=dataclasses.replace(config.ppo, frozen_dtype="bfloat16")),
     }
     for field, change in cases.items():
         with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
             dataclasses.replace(config, lora=lora, **change)
     for bad, field in ((dict(quantize_base="fp8"), "lora.quantize_base"), (dict(rank=0, quantize_base="nf4"),
-                                                                         "lora.quantize_base")):
+                                                                         "lora.quantize_base"),
+                       (dict(dropout=1.0), "lora.dropout"), (dict(rank=0, dropout=0.1), "lora.dropout")):
         with pytest.raises(ConfigError, match=field):
             LoraConfig(**{"rank": 4, **bad})
     resolved = dataclasses.replace(config, lora=LoraConfig(rank=4, alpha=8.0)).resolved(stop_token_ids=(1,),
                                                                                       pad_token_id=0)
+    assert resolved.model.lora_dropout == 0.0
     assert resolved.model.lora_scale == 2.0 and config.resolved(stop_token_ids=(1,), pad_token_id=0).model.lora_scale is None

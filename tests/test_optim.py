@@ -233,3 +233,86 @@ def test_make_update_gradients_and_metrics_independent_of_micro_batches():
             step = np.asarray(a) - np.asarray(old)
             np.testing.assert_allclose(np.asarray(b) - np.asarray(old), step, rtol=1e-4,
                                        atol=1e-5 * max(float(np.max(np.abs(step))), 1e-12))
+
+
+def pair_batch(seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    prompt, prompt_mask, chosen, chosen_mask = sequences(rng, LENGTHS)
+    *_, rejected, rejected_mask = sequences(rng, LENGTHS[::-1])
+    return {"prompt": prompt, "prompt_mask": prompt_mask, "chosen": chosen, "chosen_mask": chosen_mask,
+            "rejected": rejected, "rejected_mask": rejected_mask}
+
+
+def list_batch(seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    prompt, prompt_mask, *_ = sequences(rng, LENGTHS)
+    *_, responses, response_mask = sequences(rng, np.stack([LENGTHS, LENGTHS[::-1], np.roll(LENGTHS, 3)], axis=1))
+    return {"prompt": prompt, "prompt_mask": prompt_mask, "responses": responses, "response_mask": response_mask}
+
+
+@pytest.mark.parametrize("stage", ["sft", "bradley_terry", "dpo", pytest.param("plackett_luce", marks=pytest.mark.slow)])
+def test_lora_dropout_steps_independent_of_micro_batches(stage):
+    """LoRA dropout (rate 0.3) in the SFT, reward-model and DPO steps: a row's masks come from its own key
+    (the step's key split over the whole batch before micro-batching), so 1 and 4 micro-batches of
+    unequal lengths take the same step; the same step without a key (no dropout) differs."""
+    from jaxppo.dpo import reference_logprobs
+    from jaxppo.lora import init_adapters, scaling
+    from jaxppo.reward_model import make_reward_step
+    from jaxppo.sft import make_sft_step
+
+    model = dataclasses.replace(MODEL, lora_scale=scaling(rank=2, alpha=4.0), lora_dropout=0.3)
+    lora = jax.tree.map(lambda x: x + 0.1, init_adapters(model, jax.random.key(5), rank=2))  # B ≠ 0
+    full = random_params(4, ("reward_head",))
+    base = {k: v for k, v in full.items() if k != "reward_head"}
+    if stage == "sft":
+        own, batch, make = {"lora": lora}, demonstrations(4), functools.partial(make_sft_step, model)
+    elif stage == "dpo":
+        from jaxppo.dpo import make_dpo_step
+        from jaxppo.pipeline_config import DPOConfig
+
+        reference = jax.jit(functools.partial(reference_logprobs, model))(base, pair_batch(5))
+        own, batch = {"lora": lora}, {**pair_batch(5), **reference}
+        make = functools.partial(make_dpo_step, model, DPOConfig(loss="dpo", beta=0.5))
+    else:
+        own = {"lora": lora, "reward_head": full["reward_head"]}
+        batch = pair_batch(5) if stage == "bradley_terry" else list_batch(6)
+        make = functools.partial(make_reward_step, model, objective=stage)
+
+    def step(micro_batches, key):  # SGD with learning rate 1: the step is minus the gradient
+        state = create_train_state(jax.tree.map(jnp.copy, own), optax.sgd(1.0))
+        state, metrics = make(micro_batches=micro_batches)(state, batch, base, key)
+        return jax.tree.map(np.asarray, state.params), float(metrics["loss"])
+
+    key = jax.random.key(7)
+    params_1, loss_1 = step(1, key)
+    params_4, loss_4 = step(4, key)
+    np.testing.assert_allclose(loss_4, loss_1, rtol=1e-5)
+    moved = jax.tree.map(lambda new, old: new - np.asarray(old), params_1, own)
+    scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(moved))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * scale), params_4, params_1)
+    _, loss_plain = step(1, None)
+    assert abs(loss_plain - loss_1) > 1e-4, (loss_plain, loss_1)
+    _, loss_other_key = step(1, jax.random.key(8))
+    assert abs(loss_other_key - loss_1) > 1e-4
+
+
+@pytest.mark.parametrize("loss", ["dpo", "orpo", *(pytest.param(loss, marks=pytest.mark.slow)
+                                                   for loss in ("cdpo", "ipo", "simpo"))])
+def test_dpo_family_independent_of_micro_batches(loss):
+    """Every DPO-family objective (jaxppo.dpo.preference_objective: pair means, and ORPO's token-mean NLL
+    of the chosen responses, whose per-micro-batch mean would re-weight short responses) is the same
+    over 1, 2 and 4 micro-batches of unequal lengths (>= 1 token: ORPO's odds need log p < 0)."""
+    from jaxppo.dpo import dpo_denominators, preference_objective
+    from jaxppo.pipeline_config import DPOConfig
+
+    rng = np.random.default_rng(9)
+    lengths = np.maximum(LENGTHS, 1)
+    prompt, prompt_mask, chosen, chosen_mask = sequences(rng, lengths)
+    *_, rejected, rejected_mask = sequences(rng, lengths[::-1])
+    batch = {"prompt": prompt, "prompt_mask": prompt_mask, "chosen": chosen, "chosen_mask": chosen_mask,
+             "rejected": rejected, "rejected_mask": rejected_mask,
+             "ref_chosen": jnp.asarray(-rng.uniform(5, 20, B), jnp.float32),
+             "ref_rejected": jnp.asarray(-rng.uniform(5, 20, B), jnp.float32)}
+    hp = DPOConfig(loss=loss, beta=0.5, gamma=0.3, tau=0.2, lam=0.1, label_smoothing=0.2)
+    assert_same_objective(functools.partial(preference_objective, MODEL, hp), random_params(9, ()), batch,
+                          dpo_denominators, old_behaviour_differs=loss == "orpo")

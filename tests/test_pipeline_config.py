@@ -42,3 +42,24 @@ def test_ptx_on_a_text_task_without_demonstrations_is_a_config_error(tmp_path):
     with pytest.raises(ValueError, match="ppo.ptx_coef"):
         PipelineConfig(model=MODEL, task=task, pretrained="smollm2", sft=SFTConfig(steps=0),
                        ppo=dataclasses.replace(PPO, max_new_tokens=4, ptx_coef=0.1))
+
+
+def test_dpo_configs_that_cannot_run_name_the_field():
+    from jaxppo.config import ConfigError
+    from jaxppo.pipeline_config import DPOConfig, RewardModelConfig
+    from tiny import tiny_config
+
+    config = tiny_config()
+    for bad, field in ((dict(loss="kto"), "dpo.loss"), (dict(beta=0.0), "dpo.beta"),
+                       (dict(label_smoothing=0.6), "dpo.label_smoothing"), (dict(online_label="human"), "dpo.online_label"),
+                       (dict(batch_size=10, micro_batches=4), "dpo.micro_batches")):
+        with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+            DPOConfig(**bad)
+    cases = {"method": dict(method="kto"),
+             "reward_functions": dict(method="dpo", reward_functions=("gold",)),
+             "reward_model.objective": dict(method="dpo", reward_model=RewardModelConfig(objective="plackett_luce")),
+             "reward_model.online_every": dict(method="dpo", reward_model=RewardModelConfig(online_every=5))}
+    for field, change in cases.items():
+        with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+            dataclasses.replace(config, **change)
+    assert DPOConfig(loss="simpo").needs_reference is False and DPOConfig(loss="ipo").needs_reference is True

@@ -79,6 +79,7 @@ class ModelConfig:
     remat: bool = False  # recompute each decoder layer in the backward pass: less memory, more compute
     remat_policy: str = "nothing"  # with remat, what each layer keeps: "nothing" or "dots" (matmul outputs)
     lora_scale: float | None = None  # LoRA's output scale s = α / r (jaxppo.lora.scaling); needed when params hold adapters
+    lora_dropout: float = 0.0  # LoRA dropout on the adapters' inputs, in steps given per-row keys (SFT, reward model, DPO)
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -96,6 +97,7 @@ class ModelConfig:
         require(self.dtype in DTYPES, "model.dtype", f"{self.dtype!r} is not one of {DTYPES}")
         if self.lora_scale is not None:
             require_range(self.lora_scale, "model.lora_scale", gt=0)
+        require(0.0 <= self.lora_dropout < 1.0, "model.lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
         require(self.remat_policy in REMAT_POLICIES, "model.remat_policy",
              f"{self.remat_policy!r} is not one of {tuple(REMAT_POLICIES)}")
 

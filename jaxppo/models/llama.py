@@ -111,7 +111,7 @@ class Attention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, kv_mask, q_offset, layer_cache):
+    def __call__(self, x, cos, sin, kv_mask, q_offset, layer_cache, dropout_keys=None):
         """Grouped-query attention of ``x`` ``[B, S, D]`` → (output, this call's keys and values).
 
         Query i sits at slot ``q_offset + i``. Without a cache (training, prefill) the keys are the
@@ -120,7 +120,8 @@ class Attention(nn.Module):
         the cached slots ``j < q_offset`` with ``kv_mask[b, j]`` and, causally, to the call's own
         tokens (``kv_mask[b, q_offset + i]``); both parts share one softmax. The caller writes the
         returned keys/values into the cache once per step, outside the layer scan, so the cache
-        buffer is updated in place instead of copied.
+        buffer is updated in place instead of copied. ``dropout_keys`` ``[B, 2]``: this layer's
+        per-row keys of LoRA dropout (:func:`jaxppo.lora.fused_delta`), None: no dropout.
         """
         c = self.config
         batch, seq, _ = x.shape
@@ -130,7 +131,8 @@ class Attention(nn.Module):
                               param_dtype=c.jnp_param_dtype, kernel_init=nn.initializers.normal(0.02),
                               name="qkv_proj")(x)  # [B, S, H_kv, G + 2, D_h]
         lora = self.variables.get("lora", {})  # this layer's LoRA adapters, if any (jaxppo.lora)
-        qkv = _plus(qkv, fused_delta(x, lora, fused_parts(c)["qkv_proj"], scale=c.lora_scale))
+        drop = {"dropout_keys": dropout_keys, "dropout": c.lora_dropout}
+        qkv = _plus(qkv, fused_delta(x, lora, fused_parts(c)["qkv_proj"], scale=c.lora_scale, **drop))
         q = apply_rope(qkv[:, :, :, :groups].reshape(batch, seq, c.num_heads, c.head_dim), cos, sin)
         k = apply_rope(qkv[:, :, :, groups], cos, sin).transpose(0, 2, 1, 3)
         v = qkv[:, :, :, groups + 1].transpose(0, 2, 1, 3)  # [B, H_kv, S, D_h]
@@ -166,37 +168,38 @@ class Attention(nn.Module):
             start += width
         out = out.reshape(batch, seq, c.num_heads * c.head_dim)
         y = _dense(c.hidden_size, "o_proj", c)(out)
-        return _plus(y, fused_delta(out, lora, fused_parts(c)["o_proj"], scale=c.lora_scale)), (k, v)
+        return _plus(y, fused_delta(out, lora, fused_parts(c)["o_proj"], scale=c.lora_scale, **drop)), (k, v)
 
 
 class MLP(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, dropout_keys=None):
         c = self.config
+        drop = {"dropout_keys": dropout_keys, "dropout": c.lora_dropout}  # LoRA dropout, as in Attention
         # one matmul for the gate and up projections: [.., 2, F]
         gate_up = nn.DenseGeneral((2, c.intermediate_size), use_bias=False, dtype=c.jnp_dtype,
                                   param_dtype=c.jnp_param_dtype, kernel_init=nn.initializers.normal(0.02),
                                   name="gate_up_proj")(x)
         lora = self.variables.get("lora", {})  # this layer's LoRA adapters, if any (jaxppo.lora)
-        gate_up = _plus(gate_up, fused_delta(x, lora, fused_parts(c)["gate_up_proj"], scale=c.lora_scale))
+        gate_up = _plus(gate_up, fused_delta(x, lora, fused_parts(c)["gate_up_proj"], scale=c.lora_scale, **drop))
         h = nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :]
         y = _dense(c.hidden_size, "down_proj", c)(h)
-        return _plus(y, fused_delta(h, lora, fused_parts(c)["down_proj"], scale=c.lora_scale))
+        return _plus(y, fused_delta(h, lora, fused_parts(c)["down_proj"], scale=c.lora_scale, **drop))
 
 
 class DecoderLayer(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, kv_mask, q_offset, layer_cache):
+    def __call__(self, x, cos, sin, kv_mask, q_offset, layer_cache, dropout_keys):
         c = self.config
         h = RMSNorm(c.rms_norm_eps, c.jnp_param_dtype, name="input_norm")(x)
-        attn, new_kv = Attention(c, name="attn")(h, cos, sin, kv_mask, q_offset, layer_cache)
+        attn, new_kv = Attention(c, name="attn")(h, cos, sin, kv_mask, q_offset, layer_cache, dropout_keys)
         x = x + attn
         h = RMSNorm(c.rms_norm_eps, c.jnp_param_dtype, name="post_attention_norm")(x)
-        x = x + MLP(c, name="mlp")(h)
+        x = x + MLP(c, name="mlp")(h, dropout_keys)
         return x, new_kv
 
 
@@ -217,7 +220,7 @@ class Decoder(nn.Module):
     quantized: bool = False  # the projections are stored as codes (jaxppo.quant): dequantised layer by layer
 
     @nn.compact
-    def __call__(self, tokens, positions, kv_mask, cache: KVCache | None = None, cache_index=0):
+    def __call__(self, tokens, positions, kv_mask, cache: KVCache | None = None, cache_index=0, dropout_keys=None):
         c = self.config
         embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=c.jnp_dtype, param_dtype=c.jnp_param_dtype,
                          embedding_init=nn.initializers.normal(0.02), name="embed")
@@ -236,11 +239,15 @@ class Decoder(nn.Module):
             layer,
             variable_axes={"params": 0, "lora": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0, 0),
             length=c.num_layers,
         )(c, name="layers")
         layer_cache = None if cache is None else (cache.k, cache.v)
-        x, (k, v) = scanned(x, cos, sin, kv_mask, cache_index, layer_cache)
+        layer_keys = None  # LoRA dropout: row b's key in layer l is fold_in(dropout_keys[b], l)
+        if dropout_keys is not None and c.lora_dropout > 0:
+            layer_keys = jax.vmap(lambda l: jax.vmap(jax.random.fold_in, in_axes=(0, None))(dropout_keys, l))(
+                jnp.arange(c.num_layers))
+        x, (k, v) = scanned(x, cos, sin, kv_mask, cache_index, layer_cache, layer_keys)
         x = RMSNorm(c.rms_norm_eps, c.jnp_param_dtype, name="final_norm")(x)
         if cache is None:
             return x, KVCache(k, v)
@@ -311,6 +318,7 @@ def decoder_hidden(
     cache: KVCache | None = None,
     cache_index: Array | int = 0,
     kv_mask: Array | None = None,
+    dropout_keys: Array | None = None,
 ) -> tuple[Array, KVCache]:
     """Final hidden states ``[B, S, D]`` (float32) and the keys/values of this call.
 
@@ -319,6 +327,10 @@ def decoder_hidden(
     the tokens are written at slot ``cache_index`` of the cache and attend to the slots marked in
     ``kv_mask`` ``[B, S_max]``; the updated cache is returned. ``cache_index`` may also be ``[B]``
     (one token per row, ``S = 1``): row ``b``'s token is written at, and attends before, its own slot.
+
+    ``dropout_keys`` ``[B, 2]`` (one raw key per row; training steps only) turns on LoRA dropout at
+    rate ``config.lora_dropout`` on the adapters' inputs; without them (evaluation, sampling, RL) the
+    model is deterministic.
     """
     if tokens.ndim != 2:
         raise ValueError(f"decoder_hidden: `tokens` must have shape [B, S], got {tokens.shape}")
@@ -328,12 +340,15 @@ def decoder_hidden(
         positions = positions_from_mask(attention_mask)
     if kv_mask is None:
         kv_mask = attention_mask
+    if dropout_keys is not None and dropout_keys.shape != (tokens.shape[0], 2):
+        raise ValueError(f"decoder_hidden: `dropout_keys` must have shape [{tokens.shape[0]}, 2] (one raw key per "
+                         f"row), got {dropout_keys.shape}")
     variables = {"params": {k: params[k] for k in TRUNK_KEYS}}
     if "lora" in params:  # LoRA adapters (jaxppo.lora) on the projections
         check_adapters(config, params["lora"], where="decoder_hidden: params['lora']")
         variables["lora"] = params["lora"]
     decoder = Decoder(config, quantized=is_quantized(params))
-    hidden, kv = decoder.apply(variables, tokens, positions, kv_mask, cache, cache_index)
+    hidden, kv = decoder.apply(variables, tokens, positions, kv_mask, cache, cache_index, dropout_keys)
     return hidden.astype(jnp.float32), kv
 
 

@@ -39,15 +39,16 @@ from jaxppo.models.config import ModelConfig
 from jaxppo.pipeline_config import PipelineConfig
 from jaxppo.rng import stream_key
 from jaxppo.sampling import SamplingParams, make_sampler
-from jaxppo.sequences import response_scores
+from jaxppo.sequences import response_logprobs, response_scores
 from jaxppo.sharding import make_mesh, shard_batch, shard_tree, to_host
 from jaxppo.addition_task import AdditionTaskConfig
 from jaxppo.tasks import AdditionTask, TextTask, TextTaskConfig, ToyTask
 
-STAGES = ("sft", "reward_model", "ppo")
+STAGES = ("sft", "reward_model", "dpo", "ppo")  # in run order; a run uses dpo (method="dpo") or ppo
 CHECKPOINTED = (*STAGES, "preference_data")
 # metrics.jsonl stage → pipeline stage that writes it
 METRIC_STAGES = {"sft": "sft", "reward_model": "reward_model", "reward_model_eval": "reward_model",
+                 "dpo": "dpo", "dpo_eval": "dpo", "dpo_online": "dpo",
                  "ppo": "ppo", "reward_model_online": "ppo", "eval": "ppo"}
 STEP_LOG_EVERY = 50  # SFT / reward-model steps between metric rows
 LOCK_FILE = ".lock"  # in the run directory: held (flock) by the process that runs it
@@ -108,12 +109,36 @@ def score(ctx: RunContext, reward_params: dict, *args) -> jax.Array:
                             for s in range(0, n, size)])
 
 
+@functools.cache
+def _summed_logprobs(model: ModelConfig, temperature: float):
+    def summed(params, prompt, prompt_mask, response, response_mask):
+        logprobs, _, _ = response_logprobs(model, params, prompt, prompt_mask, response, response_mask,
+                                           temperature=temperature)
+        return jnp.sum(logprobs * response_mask, axis=-1)
+
+    return jax.jit(summed)
+
+
+def sequence_kl(ctx: RunContext, params: dict, reference: dict, *args) -> float:
+    r"""KL(π ‖ π_ref) per response, estimated on samples ``y ~ π`` (``args``: prompt, prompt_mask, response,
+    response_mask): the mean over samples of :math:`\sum_t \log π(y_t \mid ·) − \log π_{ref}(y_t \mid ·)`,
+    both at the sampling temperature (top-k / top-p truncation not modelled), in batches."""
+    fn = _summed_logprobs(ctx.config.model, ctx.config.ppo.temperature)
+    size, n = ctx.config.eval_batch_size, args[0].shape[0]
+    diffs = []
+    for s in range(0, n, size):
+        batch = shard_batch(tuple(np.asarray(a[s:s + size]) for a in args), ctx.mesh)
+        diffs.append(to_host(fn(params, *batch)) - to_host(fn(reference, *batch)))
+    return float(np.mean(np.concatenate(diffs)))
+
+
 def evaluate(ctx: RunContext, params: dict, reward_params: dict | None = None, i: int = 0,
-             samples_file: str = "") -> dict:
+             samples_file: str = "", reference: dict | None = None) -> dict:
     """Gold (and proxy) reward of fresh samples of the policy on the fixed evaluation prompts;
     writes the first ``num_samples`` of them to ``samples_file`` when given. For a task whose gold
     reward is a verifier, also ``accuracy`` (of those samples, at PPO's temperature) and
-    ``greedy_accuracy`` (of greedy responses)."""
+    ``greedy_accuracy`` (of greedy responses). With ``reference`` (the SFT policy) also
+    ``kl_to_sft``: :func:`sequence_kl` of the policy to it on those samples."""
     prompt, prompt_mask = ctx.task.eval_prompts()
     response, mask = sample(ctx, params, prompt, prompt_mask, ctx.key("eval-sample", i))
     args = tuple(to_host(a) for a in (prompt, prompt_mask, response, mask))
@@ -123,6 +148,8 @@ def evaluate(ctx: RunContext, params: dict, reward_params: dict | None = None, i
         result["accuracy"] = result["gold_reward"]
         greedy = sample(ctx, params, prompt, prompt_mask, ctx.key("eval-sample", i), greedy=True)
         result["greedy_accuracy"] = float(np.mean(ctx.task.gold(*args[:2], *map(to_host, greedy))))
+    if reference is not None:
+        result["kl_to_sft"] = sequence_kl(ctx, params, reference, *args)
     proxy = None
     if reward_params is not None:
         proxy = to_host(score(ctx, reward_params, *args))
@@ -177,6 +204,12 @@ def base_meta(ctx: RunContext, base: dict | None) -> dict:
     if base is None or not ctx.checkpoints:
         return {}
     return {"base": {"pretrained": ctx.config.pretrained, "digest": params_digest(base)}}
+
+
+def lora_dropout(ctx: RunContext, stream: str) -> dict:
+    """The ``dropout_key`` keyword of a LoRA training step (SFT, reward model, DPO): the key of the named
+    stream when ``lora.dropout > 0``, else none (the step then traces without dropout)."""
+    return {"dropout_key": ctx.key(stream)} if ctx.config.lora.dropout > 0 else {}
 
 
 def check_base(meta: dict, expected: dict, *, stage: str) -> None:

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxppo.lora import compose
+from jaxppo.lora import compose, role_params
 from jaxppo.optim import check_updates_applied, skipped_updates
 from jaxppo.pipeline.context import RunContext, base_meta, check_base, resume, save
 from jaxppo.pipeline.reward import RewardModel, refresh_reward_model
@@ -97,10 +97,17 @@ def ppo_stage(ctx: RunContext, sft_params: dict, reward: RewardModel | None) -> 
                              lora_rank=c.lora.rank, lora_targets=c.lora.targets)
     recorded = base_meta(ctx, frozen.base)
 
+    def own(params):  # a role's own params: with LoRA its adapters and head, not the shared base
+        return params if frozen.base is None else role_params(params)
+
+    def frozen_reward(reward):  # the frozen reward role of a (refreshed) reward model
+        return frozen_params(own(reward.params), ctx.mesh, dtype=ppo.frozen_dtype)
+
     def checkpoint_items(state, frozen, reward):
         return {"actor": state.actor, "critic": state.critic, "kl": state.kl,
                 "reference": frozen.reference if refresh else None,
-                **({"rm_state": reward.state, "rm_params": reward.params, "rm_data": reward.train} if online else {})}
+                **({"rm_state": reward.state, "rm_params": own(reward.params), "rm_data": reward.train}
+                   if online else {})}
 
     start, items, meta = resume(ctx, "ppo", {**checkpoint_items(state, frozen, reward),
                                              **({"rm_data": ...} if online else {})})
@@ -110,9 +117,9 @@ def ppo_stage(ctx: RunContext, sft_params: dict, reward: RewardModel | None) -> 
         if refresh:
             frozen = frozen.replace(reference=items["reference"])
         if online:
-            reward = reward._replace(params=items["rm_params"], state=items["rm_state"],
+            reward = reward._replace(params=compose(frozen.base, items["rm_params"]), state=items["rm_state"],
                                      train={k: np.asarray(v) for k, v in items["rm_data"].items()})
-            frozen = frozen.replace(reward=frozen_params(reward.params, ctx.mesh, dtype=ppo.frozen_dtype))
+            frozen = frozen.replace(reward=frozen_reward(reward))
     iterate = make_iteration(c.model, ppo, reward_pooling=c.reward_model.pooling, score_fn=reward_score_fn(ctx),
                              gold_fn=ctx.task.gold_fn)
     roles = {"actor": ("ppo.learning_rate", ppo.learning_rate)}
@@ -127,7 +134,7 @@ def ppo_stage(ctx: RunContext, sft_params: dict, reward: RewardModel | None) -> 
     while it < ppo.iterations:
         if online and it > 0 and it % online == 0:
             reward = refresh_reward_model(ctx, it, compose(frozen.base, state.actor.params), reward)
-            frozen = frozen.replace(reward=frozen_params(reward.params, ctx.mesh, dtype=ppo.frozen_dtype))
+            frozen = frozen.replace(reward=frozen_reward(reward))
         k = iterations_in_call(it, iterations=ppo.iterations, per_call=ppo.iterations_per_call,
                                host_every=(c.checkpoint.every_iterations, online, ppo.ref_refresh_every))
         prompts = [iteration_prompts(ctx, it + j) for j in range(k)]

@@ -58,8 +58,9 @@ def write_summary(ctx: RunContext, *, sft_eval: dict, final_eval: dict, reward_r
     ``summary.json``; returns its content. A collective (the export gathers the params): every
     process calls it; only process 0 writes."""
     c, logger = ctx.config, ctx.logger
+    dpo = c.method == "dpo"
     for name, result in (("sft", sft_eval), ("final", final_eval)):
-        logger.log("eval", 0 if name == "sft" else c.ppo.iterations, result)
+        logger.log("eval", 0 if name == "sft" else c.dpo.steps if dpo else c.ppo.iterations, result)
     gap = c.task.optimal_gold - sft_eval["gold_reward"]
     summary = {
         "sft_gold_reward": sft_eval["gold_reward"],
@@ -68,8 +69,11 @@ def write_summary(ctx: RunContext, *, sft_eval: dict, final_eval: dict, reward_r
         "final_proxy_reward": final_eval.get("proxy_reward"),
         "optimal_gold_reward": c.task.optimal_gold,
         "gap_closed": (final_eval["gold_reward"] - sft_eval["gold_reward"]) / max(gap, 1e-9),
-        "estimator": c.ppo.estimator,
-        "reward": list(c.reward_functions) or "reward_model",
+        "final_kl_to_sft": final_eval.get("kl_to_sft"),  # KL(final ‖ SFT) per response, on its own samples
+        "method": c.method,
+        # what trained the policy after SFT: the RL estimator, or the DPO-family loss
+        "estimator": c.dpo.loss + ("-online" if c.dpo.online_every else "") if dpo else c.ppo.estimator,
+        "reward": "preference_pairs" if dpo else list(c.reward_functions) or "reward_model",
         "reward_model": reward_result,
         "num_processes": jax.process_count(),
         "mesh": dict(ctx.mesh.shape),
@@ -81,11 +85,15 @@ def write_summary(ctx: RunContext, *, sft_eval: dict, final_eval: dict, reward_r
         summary["prompts_truncated"] = ctx.task.num_truncated_prompts
     if c.export_hf:
         summary.update(export_actor(ctx, final_params))
-    _plot(logger, "ppo", ["gold_reward", "proxy_reward", "kl"], filename="ppo.png",
-          title=f"RL ({c.ppo.estimator}): gold vs proxy reward and KL to the reference")
+    if dpo:
+        _plot(logger, "dpo", ["loss", "accuracy", "margin"], filename="dpo.png",
+              title=f"{c.dpo.loss}: training loss, preference accuracy and implicit reward margin")
+    else:
+        _plot(logger, "ppo", ["gold_reward", "proxy_reward", "kl"], filename="ppo.png",
+              title=f"RL ({c.ppo.estimator}): gold vs proxy reward and KL to the reference")
     if c.sft.steps:
         _plot(logger, "sft", ["loss"], filename="sft.png", title="SFT: NLL of demonstration tokens")
-    if not c.reward_functions:
+    if c.trains_reward_model:
         _plot(logger, "reward_model", ["loss", "accuracy"], filename="reward_model.png",
               title="Reward model: training loss and pairwise accuracy")
     summary["wall_seconds"] = time.perf_counter() - start_time

@@ -16,7 +16,7 @@ from jaxppo.lora import ROLE_KEYS, compose, init_adapters
 from jaxppo.models.config import ModelConfig
 from jaxppo.models.heads import init_params, init_scalar_head
 from jaxppo.optim import check_updates_applied, create_train_state, make_optimizer, skipped_updates
-from jaxppo.pipeline.context import RunContext, base_meta, fit, is_done, sample, save, score
+from jaxppo.pipeline.context import RunContext, base_meta, fit, is_done, lora_dropout, sample, save, score
 from jaxppo.pipeline_config import RewardModelConfig
 from jaxppo.ppo import frozen_params
 from jaxppo.reward_model import (
@@ -38,6 +38,7 @@ class RewardModel(NamedTuple):
     train: dict  # the preference pairs / lists it trained on (grown by online refreshes)
     result: dict  # held-out evaluation
     norm_samples: tuple | None  # the SFT samples every normalisation of the run uses (None: normalize=False)
+    base: dict | None = None  # LoRA: the frozen base that ``state``'s adapters and head sit on (``params`` include it)
 
 
 class RewardFns(NamedTuple):
@@ -60,6 +61,14 @@ def reward_fns(model: ModelConfig, rm: RewardModelConfig) -> RewardFns:
         jax.jit(functools.partial(list_scores, model, pooling=rm.pooling)),
         jax.jit(functools.partial(features_of, model, objective=rm.objective, pooling=rm.pooling)),
     )
+
+
+def train_step(ctx: RunContext, base: dict | None):
+    """The run's jitted reward-model train step, as the stage and its online refreshes call it: with
+    LoRA on the frozen ``base`` (and with LoRA dropout when it is on); without, the step as it is (one
+    trace: jit tells a keyword argument from its absence)."""
+    step = reward_fns(ctx.config.model, ctx.config.reward_model).step
+    return step if base is None else functools.partial(step, base=base, **lora_dropout(ctx, "rm-dropout"))
 
 
 def _batches(ctx: RunContext, stream: str, n: int):
@@ -208,14 +217,12 @@ def reward_model_stage(ctx: RunContext, sft_params: dict) -> RewardModel:
     if is_done(ctx, "reward_model"):  # resumed: online refreshes still need the normalisation samples
         state, done, meta = fit(ctx, "reward_model", state, None, None, rm.steps, {"output": params}, recorded)
         norm_samples = _norm_samples(ctx, sft_params) if rm.online_every else None
-        return RewardModel(compose(base, done["output"]), state, train, meta["result"], norm_samples)
+        return RewardModel(compose(base, done["output"]), state, train, meta["result"], norm_samples, base)
     norm_samples = _norm_samples(ctx, sft_params)
     n_train = train["prompt"].shape[0]
     if rm.train_trunk:
         batch_at = _batches(ctx, "rm-batches", n_train)
-        # without a base, the step as refresh_reward_model calls it (one trace: jit tells keywords apart)
-        step = fns.step if base is None else functools.partial(fns.step, base=base)
-        state, _, _ = fit(ctx, "reward_model", state, step,
+        state, _, _ = fit(ctx, "reward_model", state, train_step(ctx, base),
                           lambda i: preferences.rows(train, batch_at(i)), rm.steps, recorded=recorded)
         check_updates_applied(state, **_stage_lr(rm))
     else:
@@ -229,7 +236,7 @@ def reward_model_stage(ctx: RunContext, sft_params: dict) -> RewardModel:
     ctx.logger.log("reward_model_eval", rm.steps, result)
     save(ctx, "reward_model", rm.steps, {"state": state, "output": params},
          {"done": True, "result": result, **recorded})
-    return RewardModel(compose(base, params), state, train, result, norm_samples)
+    return RewardModel(compose(base, params), state, train, result, norm_samples, base)
 
 
 def refresh_reward_model(ctx: RunContext, it: int, policy_params: dict, reward: RewardModel) -> RewardModel:
@@ -238,29 +245,32 @@ def refresh_reward_model(ctx: RunContext, it: int, policy_params: dict, reward: 
 
     Logs how well the reward model ranked the new samples *before* training on them
     (``pre_accuracy`` against the labels, ``pre_gold_accuracy`` against the gold order): its
-    accuracy off the data it was trained on, where the policy now samples.
+    accuracy off the data it was trained on, where the policy now samples. With LoRA the adapters and
+    head train on, over the same frozen base.
     """
     rm = ctx.config.reward_model
     fns = reward_fns(ctx.config.model, rm)
     prompt, prompt_mask = ctx.task.prompts("rm-online", it, rm.online_prompts)
     new = preferences.usable(labelled_samples(ctx, policy_params, prompt, prompt_mask, "rm-online", it))
     labels = {k: new.pop(k) for k in preferences.GOLD_LABELS if k in new}
-    state = reward.state
-    before, skipped_before = jax.device_get((fns.evaluate(state.params, shard_batch(new, ctx.mesh)),
+    state, step = reward.state, train_step(ctx, reward.base)
+    current = compose(reward.base, state.params)  # unnormalised, as it trained
+    before, skipped_before = jax.device_get((fns.evaluate(current, shard_batch(new, ctx.mesh)),
                                              skipped_updates(state)))
     metrics = {"pre_accuracy": float(before["accuracy"]), "pre_loss": float(before["loss"]),
-               **{f"pre_{k}": v for k, v in gold_accuracy(ctx, state.params, new, labels).items()},
+               **{f"pre_{k}": v for k, v in gold_accuracy(ctx, current, new, labels).items()},
                "new_pairs": new["prompt"].shape[0]}
     train = preferences.concatenate(reward.train, new)
     n = train["prompt"].shape[0]
     batch_at = _batches(ctx, "rm-online-batches", n)
     for i in range(rm.online_steps):  # step (refresh, i) of the stream: a pure function of both
         rows = batch_at(it * rm.online_steps + i)
-        state, step_metrics = fns.step(state, shard_batch(preferences.rows(train, rows), ctx.mesh))
+        state, step_metrics = step(state, shard_batch(preferences.rows(train, rows), ctx.mesh))
     step_metrics = jax.device_get(step_metrics)
     if step_metrics["skipped_updates"] - skipped_before == rm.online_steps:
         _log.warning(f"reward_model_online at PPO iteration {it}: all {rm.online_steps} updates skipped as "
                      f"non-finite; the reward model is unchanged")
     metrics.update(num_train=n, loss=float(step_metrics["loss"]), accuracy=float(step_metrics["accuracy"]))
     ctx.logger.log("reward_model_online", it, metrics)
-    return reward._replace(params=normalized(ctx, state.params, reward.norm_samples), state=state, train=train)
+    params = normalized(ctx, state.params, reward.norm_samples, reward.base)
+    return reward._replace(params=compose(reward.base, params), state=state, train=train)

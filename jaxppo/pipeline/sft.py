@@ -8,7 +8,7 @@ from jaxppo.lora import init_adapters, merge
 from jaxppo.models.heads import init_params
 from jaxppo.optim import check_updates_applied, create_train_state, make_optimizer
 from jaxppo.quant import quantize_params
-from jaxppo.pipeline.context import RunContext, base_meta, fit, save
+from jaxppo.pipeline.context import RunContext, base_meta, fit, lora_dropout, save
 from jaxppo.sft import make_sft_step
 from jaxppo.sharding import init_sharded
 
@@ -34,7 +34,9 @@ def sft_stage(ctx: RunContext, base_params: dict | None) -> dict:
                               ctx.mesh, ctx.key("lora_init"))
     state = init_sharded(lambda p: create_train_state(p, tx), ctx.mesh, params)
     sft_step = make_sft_step(model, micro_batches=c.sft.micro_batches)
-    step = sft_step if base is None else functools.partial(sft_step, base=base)
+    step = sft_step
+    if base is not None:  # LoRA: the adapters on the frozen base (and LoRA dropout, when on)
+        step = functools.partial(sft_step, base=base, **lora_dropout(ctx, "sft-dropout"))
     state, done, _ = fit(ctx, "sft", state, step, lambda i: ctx.task.demonstrations("sft", i, c.sft.batch_size),
                          c.sft.steps, recorded=recorded)
     if done is None:

@@ -56,7 +56,7 @@ def save_adapter(out_dir: str | os.PathLike, config: ModelConfig, lora: dict, *,
             tensors[f"{_PREFIX}.{i}.{_MODULE[t]}.lora_A.weight"] = np.ascontiguousarray(a[i].T)
             tensors[f"{_PREFIX}.{i}.{_MODULE[t]}.lora_B.weight"] = np.ascontiguousarray(b[i].reshape(rank, -1).T)
     adapter_config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha, "lora_dropout": 0.0,
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha, "lora_dropout": config.lora_dropout,
         "target_modules": sorted(_HF_NAME[t] for t in targets), "bias": "none",
         "fan_in_fan_out": False, "use_rslora": rslora, "use_dora": False, "init_lora_weights": True,
         "modules_to_save": None, "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {},
