@@ -148,7 +148,7 @@ def plot(results: list[dict], path: Path) -> None:
         ax.scatter([kl.mean()], [gold.mean()], color=color, s=70, marker="D", label=method, edgecolor="black")
     ax.set_xlabel("KL(π ‖ π_SFT) per response, nats (on the policy's samples)")
     ax.set_ylabel("held-out gold reward")
-    ax.set_title("Same preference data: gold reward against KL to the SFT policy (diamonds: seed means)")
+    ax.set_title("Same preference data: gold reward vs KL to SFT (diamonds: seed means)", fontsize=10)
     ax.legend(fontsize=8, ncol=2)
     FigureCanvasAgg(fig).print_png(str(path))
 
