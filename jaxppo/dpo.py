@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import optax
 from flax.training.train_state import TrainState
 
-from jaxppo.lora import compose, step_dropout_keys
+from jaxppo.lora import compose, with_dropout_keys
 from jaxppo.losses import PREFERENCE_LOSSES
 from jaxppo.masking import valid_count
 from jaxppo.models.config import ModelConfig
@@ -34,7 +34,6 @@ from jaxppo.sharding import constrain_tree
 
 PAIR_KEYS = ("prompt", "prompt_mask", "chosen", "chosen_mask", "rejected", "rejected_mask")
 REFERENCE_KEYS = ("ref_chosen", "ref_rejected")
-METRICS = ("accuracy", "margin", "chosen_reward", "rejected_reward")
 
 
 def pair_logprobs(config: ModelConfig, params: dict, batch: dict) -> dict:
@@ -97,8 +96,7 @@ def make_dpo_step(config: ModelConfig, hp, *, micro_batches: int = 1):
     """
     @functools.partial(jax.jit, donate_argnums=0)
     def step(state: TrainState, batch: dict, base: dict | None = None, dropout_key: jax.Array | None = None):
-        if dropout_key is not None and config.lora_dropout > 0:
-            batch = {**batch, "dropout_keys": step_dropout_keys(dropout_key, state.step, batch["prompt"].shape[0])}
+        batch = with_dropout_keys(batch, dropout_key, state.step, rate=config.lora_dropout)
         loss_fn = functools.partial(preference_objective, config, hp, base=base)
         loss, aux, grads = accumulate_gradients(loss_fn, state.params, batch, dpo_denominators(batch),
                                                 micro_batches=micro_batches)

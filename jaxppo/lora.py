@@ -57,6 +57,11 @@ def role_params(params: dict) -> dict:
     return {k: v for k, v in params.items() if k in ROLE_KEYS}
 
 
+def base_params(params: dict) -> dict:
+    """The entries of ``params`` that are the shared frozen base: all but :func:`role_params`."""
+    return {k: v for k, v in params.items() if k not in ROLE_KEYS}
+
+
 def compose(base: dict | None, role: dict | None) -> dict | None:
     """The model of ``role`` on ``base``: ``{**base, **role}`` (the role's adapters and heads over the
     shared frozen weights, no copy); ``role`` as it is when there is no base (full fine-tuning) or no role."""
@@ -163,6 +168,15 @@ def step_dropout_keys(key: Array, step: Array | int, rows: int) -> Array:
     resumed run draws the masks an uninterrupted one would; row ``b`` of a micro-batch keeps its key."""
     keys = jax.random.split(jax.random.fold_in(key, step), rows)
     return jax.random.key_data(keys) if jnp.issubdtype(keys.dtype, jax.dtypes.prng_key) else keys
+
+
+def with_dropout_keys(batch: dict, key: Array | None, step: Array | int, *, rate: float) -> dict:
+    """``batch`` with :func:`step_dropout_keys` for its rows under ``"dropout_keys"`` when a training step
+    has a ``key`` and ``rate > 0``; ``batch`` as it is otherwise (no dropout). Called on the whole batch,
+    before micro-batching."""
+    if key is None or rate <= 0:
+        return batch
+    return {**batch, "dropout_keys": step_dropout_keys(key, step, batch["prompt"].shape[0])}
 
 
 def fused_delta(x: Array, adapters: dict, parts: Sequence[tuple[str, int]], *, scale: float,

@@ -29,7 +29,7 @@ from flax.training.train_state import TrainState
 
 from jaxppo.config import require
 from jaxppo.kl_control import KLControlState, init_kl_control, update_kl_control
-from jaxppo.lora import ROLE_KEYS, TARGETS, compose, init_adapters, role_params
+from jaxppo.lora import TARGETS, base_params, compose, init_adapters, role_params
 from jaxppo.losses import POLICY_LOSSES, kl_penalty, value_loss
 from jaxppo.masking import masked_mean, nonempty_rows, valid_count
 from jaxppo.models.config import ModelConfig, cast_params
@@ -270,7 +270,7 @@ def _init_lora_ppo(config: ModelConfig, ppo: PPOConfig, mesh, *, sft_params: dic
     require(config.lora_scale is not None, "model.lora_scale", "LoRA roles need the adapters' scale (α / r)")
     require(ppo.frozen_dtype is None, "ppo.frozen_dtype", "with LoRA the frozen roles share the actor's base")
     actor_key, critic_key, head_key = jax.random.split(key, 3)
-    base = shard_tree({k: v for k, v in sft_params.items() if k not in ROLE_KEYS}, mesh)
+    base = shard_tree(base_params(sft_params), mesh)
     actor_params = {"lora": init_adapters(config, actor_key, rank=rank, targets=targets)}
     if ppo.critic_role == "shared":
         actor_params["value_head"] = init_scalar_head(config, head_key, "value_head")

@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from flax.training.train_state import TrainState
 
-from jaxppo.lora import compose, step_dropout_keys
+from jaxppo.lora import compose, with_dropout_keys
 from jaxppo.losses import OBJECTIVES, bradley_terry_loss, plackett_luce_loss, ranking_counts
 from jaxppo.models.config import ModelConfig
 from jaxppo.optim import accumulate_gradients, skipped_updates
@@ -142,8 +142,7 @@ def make_reward_step(config: ModelConfig, *, objective: str = "bradley_terry", u
 
     @functools.partial(jax.jit, donate_argnums=0)
     def step(state: TrainState, batch: dict, base: dict | None = None, dropout_key: jax.Array | None = None):
-        if dropout_key is not None and config.lora_dropout > 0:
-            batch = {**batch, "dropout_keys": step_dropout_keys(dropout_key, state.step, batch["prompt"].shape[0])}
+        batch = with_dropout_keys(batch, dropout_key, state.step, rate=config.lora_dropout)
 
         def role_loss(params, *args):
             return loss_fn(compose(base, params), *args)

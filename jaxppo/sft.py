@@ -18,7 +18,7 @@ import jax
 import optax
 from flax.training.train_state import TrainState
 
-from jaxppo.lora import step_dropout_keys
+from jaxppo.lora import with_dropout_keys
 from jaxppo.losses import sft_loss
 from jaxppo.masking import valid_count
 from jaxppo.models.config import ModelConfig
@@ -62,8 +62,7 @@ def make_sft_step(config: ModelConfig, *, micro_batches: int = 1):
 
     @functools.partial(jax.jit, donate_argnums=0)
     def step(state: TrainState, batch: dict, base: dict | None = None, dropout_key: jax.Array | None = None):
-        if dropout_key is not None and config.lora_dropout > 0:
-            batch = {**batch, "dropout_keys": step_dropout_keys(dropout_key, state.step, batch["prompt"].shape[0])}
+        batch = with_dropout_keys(batch, dropout_key, state.step, rate=config.lora_dropout)
         loss, _, grads = accumulate_gradients(functools.partial(sft_nll, config, base=base), state.params, batch,
                                               sft_denominators(batch), micro_batches=micro_batches)
         state = constrain_tree(state.apply_gradients(grads=grads))

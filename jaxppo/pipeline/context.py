@@ -35,12 +35,13 @@ from jaxppo.checkpoint import CheckpointError, StageCheckpoints, config_diff
 from jaxppo.config import to_json
 from jaxppo.errors import InputError
 from jaxppo.logging import NullLogger, RunLogger, rewind_metrics
+from jaxppo.lora import init_adapters
 from jaxppo.models.config import ModelConfig
 from jaxppo.pipeline_config import PipelineConfig
 from jaxppo.rng import stream_key
 from jaxppo.sampling import SamplingParams, make_sampler
 from jaxppo.sequences import response_logprobs, response_scores
-from jaxppo.sharding import make_mesh, shard_batch, shard_tree, to_host
+from jaxppo.sharding import init_sharded, make_mesh, shard_batch, shard_tree, to_host
 from jaxppo.addition_task import AdditionTaskConfig
 from jaxppo.tasks import AdditionTask, TextTask, TextTaskConfig, ToyTask
 
@@ -101,12 +102,16 @@ def sample(ctx: RunContext, params: dict, prompt, prompt_mask, key: jax.Array, *
     return jnp.concatenate(tokens), jnp.concatenate(masks)
 
 
+def _in_batches(ctx: RunContext, fn, params: dict, *args) -> jax.Array:
+    """``fn(params, *args)`` of ``[B]`` rows computed in sharded batches of ``eval_batch_size``, concatenated."""
+    size, n = ctx.config.eval_batch_size, args[0].shape[0]
+    return jnp.concatenate([fn(params, *shard_batch(tuple(a[s:s + size] for a in args), ctx.mesh))
+                            for s in range(0, n, size)])
+
+
 def score(ctx: RunContext, reward_params: dict, *args) -> jax.Array:
     """Reward-model scores ``[B]`` of ``(prompt, prompt_mask, response, response_mask)``, in batches."""
-    scorer = _scorer(ctx.config.model, ctx.config.reward_model.pooling)
-    size, n = ctx.config.eval_batch_size, args[0].shape[0]
-    return jnp.concatenate([scorer(reward_params, *shard_batch(tuple(a[s:s + size] for a in args), ctx.mesh))
-                            for s in range(0, n, size)])
+    return _in_batches(ctx, _scorer(ctx.config.model, ctx.config.reward_model.pooling), reward_params, *args)
 
 
 @functools.cache
@@ -124,12 +129,8 @@ def sequence_kl(ctx: RunContext, params: dict, reference: dict, *args) -> float:
     response_mask): the mean over samples of :math:`\sum_t \log π(y_t \mid ·) − \log π_{ref}(y_t \mid ·)`,
     both at the sampling temperature (top-k / top-p truncation not modelled), in batches."""
     fn = _summed_logprobs(ctx.config.model, ctx.config.ppo.temperature)
-    size, n = ctx.config.eval_batch_size, args[0].shape[0]
-    diffs = []
-    for s in range(0, n, size):
-        batch = shard_batch(tuple(np.asarray(a[s:s + size]) for a in args), ctx.mesh)
-        diffs.append(to_host(fn(params, *batch)) - to_host(fn(reference, *batch)))
-    return float(np.mean(np.concatenate(diffs)))
+    logprobs, ref_logprobs = (to_host(_in_batches(ctx, fn, p, *args)) for p in (params, reference))
+    return float(np.mean(logprobs - ref_logprobs))
 
 
 def evaluate(ctx: RunContext, params: dict, reward_params: dict | None = None, i: int = 0,
@@ -204,6 +205,14 @@ def base_meta(ctx: RunContext, base: dict | None) -> dict:
     if base is None or not ctx.checkpoints:
         return {}
     return {"base": {"pretrained": ctx.config.pretrained, "digest": params_digest(base)}}
+
+
+def new_adapters(ctx: RunContext, stream: str) -> dict:
+    """``{"lora": …}``: fresh LoRA adapters of ``lora.rank`` on ``lora.targets`` (B = 0), built sharded,
+    from the named random stream: a LoRA stage's trained params before its heads."""
+    c = ctx.config
+    return init_sharded(lambda key: {"lora": init_adapters(c.model, key, rank=c.lora.rank, targets=c.lora.targets)},
+                        ctx.mesh, ctx.key(stream))
 
 
 def lora_dropout(ctx: RunContext, stream: str) -> dict:

@@ -21,19 +21,11 @@ from jaxppo import preferences
 from jaxppo.data import batch_indices
 from jaxppo.dpo import PAIR_KEYS, make_dpo_eval, make_dpo_step, reference_logprobs
 from jaxppo.errors import InputError
-from jaxppo.lora import ROLE_KEYS, compose, init_adapters
+from jaxppo.lora import base_params, compose
 from jaxppo.models.config import ModelConfig
 from jaxppo.optim import check_updates_applied, create_train_state, make_optimizer
 from jaxppo.pipeline.context import (
-    STEP_LOG_EVERY,
-    RunContext,
-    base_meta,
-    check_base,
-    lora_dropout,
-    resume,
-    sample,
-    save,
-    score,
+    STEP_LOG_EVERY, RunContext, base_meta, check_base, lora_dropout, new_adapters, resume, sample, save, score,
 )
 from jaxppo.pipeline.reward import RewardModel, labelled_samples, preference_data
 from jaxppo.rng import stream_seed
@@ -107,10 +99,7 @@ def dpo_stage(ctx: RunContext, sft_params: dict, reward: RewardModel | None = No
         raise ValueError("dpo_stage: dpo.online_label='reward_model' needs the reward model that labels the pairs")
     base, params = None, sft_params
     if c.lora.rank:
-        base = {k: v for k, v in sft_params.items() if k not in ROLE_KEYS}
-        params = init_sharded(lambda key: {"lora": init_adapters(c.model, key, rank=c.lora.rank,
-                                                                  targets=c.lora.targets)},
-                              ctx.mesh, ctx.key("dpo-lora"))
+        base, params = base_params(sft_params), new_adapters(ctx, "dpo-lora")
     reference = sft_params  # the SFT policy (with LoRA: the base, which is the merged SFT policy)
     tx = make_optimizer(learning_rate=d.learning_rate, warmup_steps=d.warmup_steps)
     state = init_sharded(lambda p: create_train_state(p, tx), ctx.mesh, params)

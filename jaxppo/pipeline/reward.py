@@ -12,11 +12,11 @@ import numpy as np
 
 from jaxppo import preferences
 from jaxppo.data import batch_indices
-from jaxppo.lora import ROLE_KEYS, compose, init_adapters
+from jaxppo.lora import base_params, compose
 from jaxppo.models.config import ModelConfig
 from jaxppo.models.heads import init_params, init_scalar_head
 from jaxppo.optim import check_updates_applied, create_train_state, make_optimizer, skipped_updates
-from jaxppo.pipeline.context import RunContext, base_meta, fit, is_done, lora_dropout, sample, save, score
+from jaxppo.pipeline.context import RunContext, base_meta, fit, is_done, lora_dropout, new_adapters, sample, save, score
 from jaxppo.pipeline_config import RewardModelConfig
 from jaxppo.ppo import frozen_params
 from jaxppo.reward_model import (
@@ -198,11 +198,8 @@ def reward_model_stage(ctx: RunContext, sft_params: dict) -> RewardModel:
     c, rm = ctx.config, ctx.config.reward_model
     base = None
     if c.lora.rank:  # the SFT model is the frozen base; the reward model trains its own adapters and head
-        base = {k: v for k, v in sft_params.items() if k not in ROLE_KEYS}
-        params = {}
-        if rm.train_trunk:
-            params["lora"] = init_sharded(functools.partial(init_adapters, c.model, rank=c.lora.rank,
-                                                            targets=c.lora.targets), ctx.mesh, ctx.key("rm-lora"))
+        base = base_params(sft_params)
+        params = new_adapters(ctx, "rm-lora") if rm.train_trunk else {}
     elif rm.init == "sft":  # the InstructGPT recipe: the SFT model's trunk
         params = {k: v for k, v in sft_params.items() if k != "lm_head"}
     else:  # "scratch": a freshly initialised trunk of the same architecture

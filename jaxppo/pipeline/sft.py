@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import functools
 
-from jaxppo.lora import init_adapters, merge
+from jaxppo.lora import merge
 from jaxppo.models.heads import init_params
 from jaxppo.optim import check_updates_applied, create_train_state, make_optimizer
 from jaxppo.quant import quantize_params
-from jaxppo.pipeline.context import RunContext, base_meta, fit, lora_dropout, save
+from jaxppo.pipeline.context import RunContext, base_meta, fit, lora_dropout, new_adapters, save
 from jaxppo.sft import make_sft_step
 from jaxppo.sharding import init_sharded
 
@@ -30,8 +30,7 @@ def sft_stage(ctx: RunContext, base_params: dict | None) -> dict:
     if c.lora.rank:  # train adapters on the frozen base (only they have optimizer state), merge them at the end
         base = params
         recorded = base_meta(ctx, base)
-        params = init_sharded(lambda key: {"lora": init_adapters(model, key, rank=c.lora.rank, targets=c.lora.targets)},
-                              ctx.mesh, ctx.key("lora_init"))
+        params = new_adapters(ctx, "lora_init")
     state = init_sharded(lambda p: create_train_state(p, tx), ctx.mesh, params)
     sft_step = make_sft_step(model, micro_batches=c.sft.micro_batches)
     step = sft_step
